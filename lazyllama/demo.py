@@ -9,8 +9,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .verify import expected_shapes
 from .config import parse_config
+from .verify import expected_shapes
 from .writer import save_checkpoint
 
 __all__ = ["DEMO_CONFIG", "write_demo"]

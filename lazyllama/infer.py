@@ -8,9 +8,13 @@ Each generated token costs exactly one pass over ``model.layers()``; the prompt 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import operator
+import os
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,9 +25,15 @@ __all__ = ["agenerate", "generate", "logits", "stream_generate"]
 F32 = npt.NDArray[np.float32]
 Layer = Mapping[str, npt.NDArray[Any]]
 
-# Elements of float32 made from a weight at a time (32 MiB): large enough for BLAS to be efficient,
-# small enough that a 1 GB lm_head never exists in float32 as a whole.
+# Elements of a lazily read weight (the lm_head) fetched at a time: 16 MiB of float16, so a 1 GB
+# lm_head is never in memory, let alone in float32, as a whole.
 _BLOCK_ELEMENTS = 1 << 23
+# Elements widened to float32 at a time. Decoding one token is a matrix-vector product bound by the
+# float16 -> float32 conversion, fastest on blocks that stay in a core's L2 cache; several tokens
+# at once are matrix products, better served by large blocks.
+_DECODE_BLOCK_ELEMENTS = 1 << 17
+_POOL_LOCK = threading.Lock()
+_POOL: list[ThreadPoolExecutor] = []
 
 
 class _Config(Protocol):
@@ -69,21 +79,11 @@ class Model(Protocol):
 # --- rotary embeddings ------------------------------------------------------------------------
 
 
-def _rope_scaling(config: _Config) -> Mapping[str, Any] | None:
-    # Configs written by recent transformers keep the scaling under "rope_parameters" only.
-    scaling = config.rope_scaling
-    if scaling is None:
-        params = getattr(config, "extra", {}).get("rope_parameters")
-        if isinstance(params, Mapping):
-            scaling = params
-    return scaling
-
-
 def rope_frequencies(config: _Config) -> npt.NDArray[np.float64]:
     """Inverse frequencies [D/2] of the rotary embedding, with ``rope_scaling`` applied."""
     dim = config.head_dim
     inv_freq = 1.0 / (float(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = _rope_scaling(config)
+    scaling = config.rope_scaling
     kind = "default" if scaling is None else scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return inv_freq
@@ -133,16 +133,59 @@ def _silu(x: F32) -> F32:
     return out
 
 
-def _linear(x: F32, weight: _Tensor | npt.NDArray[Any]) -> F32:
-    """``x @ weight.T`` for a float16 weight [out, in], widening a block of rows at a time."""
+def _pool() -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(os.cpu_count() or 1, "lazyllama-matmul"))
+        return _POOL[0]
+
+
+def _rows_matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int) -> None:
+    # y[:, start + a] = x @ w[a].T over w's rows, widening one block of rows at a time.
+    budget = _DECODE_BLOCK_ELEMENTS if x.shape[0] == 1 else _BLOCK_ELEMENTS
+    step = max(1, budget // w.shape[1])
+    for a in range(0, w.shape[0], step):
+        block = w[a : a + step].astype(np.float32)
+        y[:, start + a : start + a + block.shape[0]] = x @ block.T
+
+
+def _matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int = 0) -> None:
+    # Conversion runs on one core; numpy releases the GIL, so split the rows across the cores.
+    parts = min(os.cpu_count() or 1, max(1, w.size // _DECODE_BLOCK_ELEMENTS))
+    if parts == 1:
+        _rows_matmul(x, w, y, start)
+        return
+    cuts = [w.shape[0] * k // parts for k in range(parts + 1)]
+    jobs = [
+        _pool().submit(_rows_matmul, x, w[a:b], y, start + a) for a, b in itertools.pairwise(cuts)
+    ]
+    for job in jobs:
+        job.result()
+
+
+def _linear(x: F32, weight: npt.NDArray[Any]) -> F32:
+    """``x @ weight.T`` [S, out] for a float16 weight [out, in] held in memory."""
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    _matmul(x, weight, y)
+    return y
+
+
+def _lazy_linear(x: F32, weight: _Tensor) -> F32:
+    """``x @ weight.T`` for a weight read in blocks of rows, the next read while one computes."""
     out_features, in_features = weight.shape
-    step = max(1, _BLOCK_ELEMENTS // in_features)
-    if step >= out_features:
-        return x @ np.asarray(weight[0:out_features], dtype=np.float32).T
     y = np.empty((x.shape[0], out_features), dtype=np.float32)  # [S, out]
-    for a in range(0, out_features, step):
-        b = min(a + step, out_features)
-        y[:, a:b] = x @ np.asarray(weight[a:b], dtype=np.float32).T
+    step = max(1, _BLOCK_ELEMENTS // in_features)
+    with ThreadPoolExecutor(1, "lazyllama-read") as reader:
+
+        def fetch(a: int) -> Future[npt.NDArray[Any]]:
+            return reader.submit(weight.__getitem__, slice(a, min(a + step, out_features)))
+
+        pending = fetch(0)
+        for a in range(0, out_features, step):
+            block = np.asarray(pending.result())  # [step, in]
+            if a + step < out_features:
+                pending = fetch(a + step)
+            _matmul(x, block, y, a)
     return y
 
 
@@ -163,7 +206,7 @@ def _head(model: Model, x: F32) -> F32:
             pass
         else:
             name = "lm_head.weight"
-    return _linear(x, model[name])  # [S, V]: read and widened in row blocks
+    return _lazy_linear(x, model[name])  # [S, V]
 
 
 # --- decoding state ---------------------------------------------------------------------------

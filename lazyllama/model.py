@@ -15,11 +15,19 @@ import re
 import sys
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -49,6 +57,7 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 DEFAULT_CACHE_BYTES = "2GiB"
 DEFAULT_CONCURRENCY = 8
 _UNBOUNDED_GROUP_BYTES = 1 << 30
+T = TypeVar("T")
 
 
 class Float16OverflowWarning(UserWarning):
@@ -122,11 +131,11 @@ class LazyTensor:
 
     def load(self) -> np.ndarray:
         """The whole tensor as an array, read on first use and cached (read-only if cached)."""
-        return _sync.sync(self._model._get([self.info.name]))[self.info.name]
+        return self._model._run(self._model._get([self.info.name]))[self.info.name]
 
     async def aload(self) -> np.ndarray:
         """``load()`` without blocking the event loop."""
-        return (await _sync.run_async(self._model._get([self.info.name])))[self.info.name]
+        return (await self._model._arun(self._model._get([self.info.name])))[self.info.name]
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         arr = self.load()
@@ -136,11 +145,11 @@ class LazyTensor:
 
     def __getitem__(self, index: Any) -> np.ndarray:
         """Index the tensor; an int or slice on the first dimension reads only those rows."""
-        return _sync.sync(self._model._index(self.info, index))
+        return self._model._run(self._model._index(self.info, index))
 
     async def agetitem(self, index: Any) -> np.ndarray:
         """``t[index]`` without blocking the event loop."""
-        return await _sync.run_async(self._model._index(self.info, index))
+        return await self._model._arun(self._model._index(self.info, index))
 
 
 class LazyModel(Mapping[str, LazyTensor]):
@@ -212,10 +221,27 @@ class LazyModel(Mapping[str, LazyTensor]):
 
     # -- the engine ----------------------------------------------------------------------
 
-    def _eng(self) -> _Engine:
-        """The engine for the current runtime; rebuilt after a fork, as the old loop is gone."""
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"{where(self.path)}the model is closed")
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the background loop, blocking; refused once the model is closed."""
+        if self._closed:
+            coro.close()
+            self._check_open()
+        return _sync.sync(coro)
+
+    async def _arun(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on the background loop; refused once the model is closed."""
+        if self._closed:
+            coro.close()
+            self._check_open()
+        return await _sync.run_async(coro)
+
+    def _eng(self) -> _Engine:
+        """The engine for the current runtime; rebuilt after a fork, as the old loop is gone."""
+        self._check_open()
         rt = _sync.runtime()
         eng = self._engine
         if eng is None or eng.rt is not rt:
@@ -328,21 +354,21 @@ class LazyModel(Mapping[str, LazyTensor]):
         self, names: Iterable[str] | None = None, progress: bool | None = None
     ) -> dict[str, np.ndarray]:
         """Read ``names`` (all tensors by default) as name → array, with a bar of bytes."""
-        return _sync.sync(self._load(self._names(names), progress))
+        return self._run(self._load(self._names(names), progress))
 
     async def aload(
         self, names: Iterable[str] | None = None, progress: bool | None = None
     ) -> dict[str, np.ndarray]:
         """``load()`` without blocking the event loop."""
-        return await _sync.run_async(self._load(self._names(names), progress))
+        return await self._arun(self._load(self._names(names), progress))
 
     def prefetch(self, names: Iterable[str] | None = None) -> None:
         """Warm the cache with ``names``, within its budget (the rest is read and dropped)."""
-        _sync.sync(self._prefetch(self._names(names)))
+        self._run(self._prefetch(self._names(names)))
 
     async def aprefetch(self, names: Iterable[str] | None = None) -> None:
         """``prefetch()`` without blocking the event loop."""
-        await _sync.run_async(self._prefetch(self._names(names)))
+        await self._arun(self._prefetch(self._names(names)))
 
     async def _prefetch(self, names: list[str]) -> None:
         budget = self._eng().cache.budget
@@ -450,7 +476,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         if self._closed:
             return
         if self._engine is not None and self._engine.rt is _sync.runtime():
-            _sync.sync(self._shutdown())
+            self._run(self._shutdown())
         self._closed = True
         self._engine = None
         _sync.release()
@@ -460,7 +486,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         if self._closed:
             return
         if self._engine is not None and self._engine.rt is _sync.runtime():
-            await _sync.run_async(self._shutdown())
+            await self._arun(self._shutdown())
         self._closed = True
         self._engine = None
         await asyncio.get_running_loop().run_in_executor(None, _sync.release)
@@ -521,20 +547,22 @@ class _GroupStream:
 
 def _iterate(stream: _GroupStream) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     try:
-        while (item := _sync.sync(stream.next())) is not None:
+        while (item := stream.model._run(stream.next())) is not None:
             yield item
             del item  # the caller's reference is the only one left
     finally:
-        _sync.sync(stream.aclose())
+        if not stream.model._closed:
+            stream.model._run(stream.aclose())
 
 
 async def _aiterate(stream: _GroupStream) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
     try:
-        while (item := await _sync.run_async(stream.next())) is not None:
+        while (item := await stream.model._arun(stream.next())) is not None:
             yield item
             del item
     finally:
-        await _sync.run_async(stream.aclose())
+        if not stream.model._closed:
+            await stream.model._arun(stream.aclose())
 
 
 def _convert(piece: Piece, raw: memoryview) -> None:
