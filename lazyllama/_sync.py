@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Runtime", "release", "retain", "run_async", "runtime", "sync"]
+__all__ = ["Runtime", "release", "retain", "run_async", "run_detached", "runtime", "sync"]
 
 T = TypeVar("T")
 
@@ -101,6 +102,24 @@ async def run_async(coro: Coroutine[Any, Any, T]) -> T:
     if asyncio.get_running_loop() is rt.loop:
         return await coro
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, rt.loop))
+
+
+async def run_detached(coro: Coroutine[Any, Any, None]) -> None:
+    """Await clean-up run on the background loop; if the waiter is cancelled (its loop shutting
+    down, say), the clean-up still runs to the end there."""
+    done = asyncio.get_running_loop().create_future()
+    work = asyncio.run_coroutine_threadsafe(coro, runtime().loop)
+
+    def settle(_: object) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the waiter's loop may be closed by now
+            done.get_loop().call_soon_threadsafe(settle, None)
+
+    work.add_done_callback(wake)
+    await done
 
 
 def _after_fork_in_child() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,10 +39,11 @@ class CacheStats:
 class _Flight:
     """One background read of some keys, and how many callers still wait for it."""
 
-    __slots__ = ("futures", "task", "waiters")
+    __slots__ = ("futures", "reserved", "task", "waiters")
 
     def __init__(self) -> None:
         self.futures: dict[str, asyncio.Future[np.ndarray]] = {}
+        self.reserved: dict[str, int] = {}  # bytes reserved for keys not yet stored
         self.task: asyncio.Task[None] | None = None
         self.waiters = 0
 
@@ -128,10 +130,10 @@ class Cache:
         self._resident -= arr.nbytes
         self._evictions += 1
 
-    def _store(self, key: str, arr: np.ndarray) -> None:
-        """Keep a freshly read array whose bytes were reserved (or are oversize)."""
+    def _store(self, key: str, arr: np.ndarray, reserved: int) -> None:
+        """Keep a freshly read array, turning the bytes reserved for it into resident ones."""
         self._bytes_read += arr.nbytes
-        self.unreserve(arr.nbytes)
+        self.unreserve(reserved)
         if self.budget == 0:
             return
         if self.budget is not None and arr.nbytes > self.budget:
@@ -202,6 +204,7 @@ class Cache:
             waits.append((key, flight.futures[key]))
         if mine.futures:
             mine.task = loop.create_task(self._fly(mine, sizes, read))
+            mine.task.add_done_callback(functools.partial(self._land, mine))
         for flight in flights:
             flight.waiters += 1
         try:
@@ -210,10 +213,14 @@ class Cache:
                 if on_ready is not None:
                     on_ready(out[key])
         except BaseException:
+            doomed = []
             for flight in flights:  # cancelled or failed: stop reads nobody else wants
                 flight.waiters -= 1
-                if flight.waiters == 0 and flight.task is not None:
+                if flight.waiters == 0 and flight.task is not None and not flight.task.done():
                     flight.task.cancel()
+                    doomed.append(flight.task)
+            if doomed:  # and let them unwind, so no read outlives the caller
+                await asyncio.wait(doomed)
             raise
         for flight in flights:
             flight.waiters -= 1
@@ -226,45 +233,41 @@ class Cache:
             for key in flight.futures:
                 if not self.try_reserve(sizes[key]):
                     if batch:
-                        reads.append(asyncio.create_task(self._read(flight, batch, sizes, read)))
+                        reads.append(asyncio.create_task(self._read(flight, batch, read)))
                         batch = []
                     await self.reserve(sizes[key])
+                flight.reserved[key] = sizes[key]
                 batch.append(key)
             if batch:
-                reads.append(asyncio.create_task(self._read(flight, batch, sizes, read)))
-                batch = []
+                reads.append(asyncio.create_task(self._read(flight, batch, read)))
             await asyncio.gather(*reads)
-        except BaseException as e:
+        except Exception as e:
+            for fut in flight.futures.values():
+                if not fut.done():
+                    fut.set_exception(e)
+                    fut.exception()  # retrieved here, so no "never retrieved" warning
+        finally:
             for task in reads:
                 task.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
-            for key in batch:
-                self.unreserve(sizes[key])
-            for key, fut in flight.futures.items():
-                if fut.done():
-                    pass
-                elif isinstance(e, Exception):
-                    fut.set_exception(e)
-                    fut.exception()  # retrieved here, so no "never retrieved" warning
-                else:
-                    fut.cancel()
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-            if not isinstance(e, Exception):
-                raise
+            for nbytes in flight.reserved.values():  # reserved, never stored
+                self.unreserve(nbytes)
+            flight.reserved.clear()
 
-    async def _read(
-        self, flight: _Flight, keys: list[str], sizes: dict[str, int], read: Reader
-    ) -> None:
-        try:
-            arrays = await read(keys)
-        except BaseException:
-            for key in keys:
-                self.unreserve(sizes[key])
-            raise
+    def _land(self, flight: _Flight, _: object) -> None:
+        """When a flight ends however it ends (even cancelled before it ran): whatever it did
+        not deliver is cancelled and forgotten, so a later request reads again."""
+        for key, fut in flight.futures.items():
+            if not fut.done():
+                fut.cancel()
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    async def _read(self, flight: _Flight, keys: list[str], read: Reader) -> None:
+        arrays = await read(keys)
         for key in keys:
             arr = arrays[key]
-            self._store(key, arr)
+            self._store(key, arr, flight.reserved.pop(key))
             if self._flights.get(key) is flight:
                 del self._flights[key]
             flight.futures[key].set_result(arr)

@@ -16,9 +16,11 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Coroutine,
+    Generator,
     Iterable,
     Iterator,
     Mapping,
@@ -400,18 +402,21 @@ class LazyModel(Mapping[str, LazyTensor]):
         already being read while the caller works on the current one."""
         yield from _iterate(_GroupStream(self, list(self._layers().items()), prefetch))
 
-    async def alayers(self, prefetch: int = 1) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
-        """``layers()`` as an async iterator."""
-        async for item in _aiterate(_GroupStream(self, list(self._layers().items()), prefetch)):
-            yield item
+    def alayers(self, prefetch: int = 1) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
+        """``layers()`` as an async iterator. Breaking out early stops the reads it started;
+        wrap it in ``contextlib.aclosing()`` for that to happen before the loop is left."""
+        return _aiterate(_GroupStream(self, list(self._layers().items()), prefetch))
 
     def iter_load(
         self, names: Iterable[str] | None = None, progress: bool | None = None
     ) -> Iterator[tuple[str, np.ndarray]]:
         """``(name, array)`` in file order, read ahead within the cache's budget, so a caller
         that drops each array walks a checkpoint larger than memory."""
-        with self._bar(names, progress) as (groups, bar):
-            for _, arrays in _iterate(_GroupStream(self, groups, prefetch=2)):
+        with (
+            self._bar(names, progress) as (groups, bar),
+            contextlib.closing(_iterate(_GroupStream(self, groups, prefetch=2))) as stream,
+        ):
+            for _, arrays in stream:
                 for item in arrays.items():
                     bar.update(item[1].nbytes)
                     yield item
@@ -421,10 +426,12 @@ class LazyModel(Mapping[str, LazyTensor]):
     ) -> AsyncIterator[tuple[str, np.ndarray]]:
         """``iter_load()`` as an async iterator."""
         with self._bar(names, progress) as (groups, bar):
-            async for _, arrays in _aiterate(_GroupStream(self, groups, prefetch=2)):
-                for item in arrays.items():
-                    bar.update(item[1].nbytes)
-                    yield item
+            stream = _aiterate(_GroupStream(self, groups, prefetch=2))
+            async with contextlib.aclosing(stream):  # closed with this generator, not later
+                async for _, arrays in stream:
+                    for item in arrays.items():
+                        bar.update(item[1].nbytes)
+                        yield item
 
     @contextlib.contextmanager
     def _bar(
@@ -545,7 +552,7 @@ class _GroupStream:
         self.tasks.clear()
 
 
-def _iterate(stream: _GroupStream) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+def _iterate(stream: _GroupStream) -> Generator[tuple[int, dict[str, np.ndarray]]]:
     try:
         while (item := stream.model._run(stream.next())) is not None:
             yield item
@@ -555,14 +562,16 @@ def _iterate(stream: _GroupStream) -> Iterator[tuple[int, dict[str, np.ndarray]]
             stream.model._run(stream.aclose())
 
 
-async def _aiterate(stream: _GroupStream) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
+async def _aiterate(stream: _GroupStream) -> AsyncGenerator[tuple[int, dict[str, np.ndarray]]]:
     try:
         while (item := await stream.model._arun(stream.next())) is not None:
             yield item
             del item
     finally:
+        # Without ``aclosing()``, an abandoned async generator is closed late, maybe while its
+        # loop shuts down and cancels us: the reads are stopped on our loop all the same.
         if not stream.model._closed:
-            await stream.model._arun(stream.aclose())
+            await _sync.run_detached(stream.aclose())
 
 
 def _convert(piece: Piece, raw: memoryview) -> None:

@@ -101,7 +101,7 @@ def st_save_sharded(
 
 
 def oracle(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a file or checkpoint folder in its stored dtype, as `safetensors` reads it."""
+    """Every tensor of a file or folder in its stored dtype, as `safetensors` reads it."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     out = {}
     for f in files:

@@ -1,4 +1,4 @@
-"""Discovery as the seed describes it, config parsing, and sharded checkpoints against the oracle."""
+"""Discovery as the seed describes it, config parsing, sharded checkpoints against the oracle."""
 
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def test_direct_file_path_needs_no_config(tmp_path: Path, open_model) -> None:
     one(tmp_path, "weights.safetensors", 4.0)
     m = open_model(tmp_path / "weights.safetensors")
     assert m["x"].load()[0] == 4.0
-    with pytest.raises(CheckpointError, match="config.json not found") as info:
+    with pytest.raises(CheckpointError, match=r"config\.json not found") as info:
         m.config  # noqa: B018
     assert str(tmp_path) in str(info.value)
 
 
 def test_missing_config(tmp_path: Path) -> None:
     one(tmp_path, "model.safetensors", 1.0)
-    with pytest.raises(CheckpointError, match="config.json not found") as info:
+    with pytest.raises(CheckpointError, match=r"config\.json not found") as info:
         lazyllama.open(tmp_path)
     assert str(tmp_path / "config.json") in str(info.value)
 

@@ -10,7 +10,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import lazyllama
 from lazyllama import UnsupportedDtypeError
 from lazyllama.dtypes import DTYPES
 from lazyllama.writer import save_file
