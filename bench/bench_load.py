@@ -28,7 +28,8 @@ Methods:
   ``torch.set_num_threads(2)``.
 - ``reference``: ``bench/_ref.py``: chunked ``os.preadv`` into per-thread buffers and ml_dtypes
   conversion into preallocated outputs on every core; what this machine allows with the same
-  conversion library.
+  conversion library. ``reference-bits`` converts with numpy integer ops instead and
+  ``reference-torch`` with torch (see ``_ref.py``); ``reference@4`` etc. set the chunk in MiB.
 
 Also measured: ``lazyllama.open()`` time and bytes read during it (``rchar`` in /proc/self/io),
 and with ``--stream`` a layer-by-layer walk (``model.layers(prefetch=1)`` with
@@ -59,12 +60,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _ref import TensorEntry, list_tensors, load_reference, select_prefix
 
+REF_CONVERT = {"reference": "ml_dtypes", "reference-bits": "bits", "reference-torch": "torch"}
 LOAD_METHODS = [
     "lazyllama",
     "lazyllama-aload",
     "safetensors-numpy",
     "safetensors-torch",
     "reference",
+    "reference-bits",
+    "reference-torch",
 ]
 STREAM_METHODS = ["stream-lazyllama", "stream-safetensors-torch"]
 CHILD_TIMEOUT_S = 1800
@@ -117,6 +121,15 @@ class MemorySampler:
 
 def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def current_rss() -> int:
@@ -309,7 +322,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if method.startswith(("lazyllama", "stream-lazyllama", "open-")):
         import lazyllama  # noqa: F401
     if "torch" in method:
-        import torch  # noqa: F401
+        import torch
+
+        # The reference runs one converting thread per core itself.
+        torch.set_num_threads(1 if method.startswith("reference") else os.cpu_count() or 1)
     if method == "safetensors-numpy" or method.startswith("reference"):
         import ml_dtypes  # noqa: F401
 
@@ -321,6 +337,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     anon0, file0 = MemorySampler.read()
     base_rss = current_rss()
     extra: dict[str, Any] = {}
+    ru0, busy0 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
     with MemorySampler() as mem:
         t0 = time.perf_counter()
         if method == "lazyllama":
@@ -333,9 +350,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             out = _load_safetensors_torch(entries)
         elif method.startswith("reference"):
             # "reference@4" runs the reference with 4 MiB chunks (to tune it).
-            _, _, mib = method.partition("@")
+            base, _, mib = method.partition("@")
             chunk = int(float(mib) * MiB) if mib else int(spec["ref_chunk_bytes"])
-            out = load_reference(entries, chunk_bytes=chunk)
+            out = load_reference(entries, chunk_bytes=chunk, convert=REF_CONVERT[base])
         elif method == "stream-lazyllama":
             out = {}
             extra["stream_bytes"], extra["layers"] = _stream_lazyllama(ckpt)
@@ -345,6 +362,15 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown method {method!r}")
         elapsed = time.perf_counter() - t0
+        # The async run also idles to measure a baseline lateness; count only open + aload.
+        elapsed = extra.pop("load_s", elapsed)
+    wall = time.perf_counter() - t0
+    ru1, busy1 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    result["cpu_seconds"] = cpu
+    result["sys_seconds"] = ru1.ru_stime - ru0.ru_stime
+    # CPU the rest of the machine used meanwhile, in cores: how noisy this run was.
+    result["others_cores"] = max(0.0, (busy1 - busy0) - cpu) / wall
     result.update(extra)
     result.update(
         {
@@ -445,6 +471,10 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
             "gbps_min": min(gbps),
             "gbps_max": max(gbps),
             "seconds_median": statistics.median(r["seconds"] for r in ok),
+            "cpu_s_per_gb_median": statistics.median(
+                r["cpu_seconds"] / (r["source_bytes"] / 1e9) for r in ok
+            ),
+            "others_cores_median": statistics.median(r["others_cores"] for r in ok),
             "peak_rss_median": statistics.median(r["peak_rss"] for r in ok),
             "peak_anon_median": statistics.median(r["peak_anon"] for r in ok),
             "peak_file_median": statistics.median(r["peak_file"] for r in ok),
@@ -480,6 +510,8 @@ SHORT = {
     "safetensors-numpy": "st-np",
     "safetensors-torch": "st-pt",
     "reference": "ref",
+    "reference-bits": "ref-bit",
+    "reference-torch": "ref-pt",
 }
 
 
@@ -492,22 +524,26 @@ def short(method: str) -> str:
 def print_load_table(summary: dict[str, dict[str, Any]], methods: list[str]) -> None:
     good = [m for m in methods if "error" not in summary[m]]
     print()
-    header = f"{'method':<20}{'GB/s med':>9}{'min':>7}{'max':>7}{'peak RSS':>10}{'over out':>10}"
-    header += f"{'anon':>8}{'file':>8}  " + "".join(f"{'/' + short(m):>9}" for m in good)
+    header = f"{'method':<18}{'GB/s med':>9}{'min':>7}{'max':>7}{'CPUs/GB':>8}{'others':>7}"
+    header += f"{'peak RSS':>9}{'over out':>9}{'anon':>7}{'file':>7} "
+    header += "".join(f"{'/' + short(m):>9}" for m in good)
     print(header)
     print("-" * len(header))
     for m in methods:
         s = summary[m]
         if "error" in s:
-            print(f"{m:<20}  failed: {s['error'].splitlines()[-1][:100]}")
+            print(f"{m:<18}  failed: {s['error'].splitlines()[-1][:100]}")
             continue
-        row = f"{m:<20}{s['gbps_median']:>9.3f}{s['gbps_min']:>7.3f}{s['gbps_max']:>7.3f}"
-        row += f"{_fmt_mib(s['peak_rss_median']):>10}{_fmt_mib(s['overhead_median']):>10}"
-        row += f"{_fmt_mib(s['peak_anon_median']):>8}{_fmt_mib(s['peak_file_median']):>8}  "
+        row = f"{m:<18}{s['gbps_median']:>9.3f}{s['gbps_min']:>7.3f}{s['gbps_max']:>7.3f}"
+        row += f"{s['cpu_s_per_gb_median']:>8.2f}{s['others_cores_median']:>7.2f}"
+        row += f"{_fmt_mib(s['peak_rss_median']):>9}{_fmt_mib(s['overhead_median']):>9}"
+        row += f"{_fmt_mib(s['peak_anon_median']):>7}{_fmt_mib(s['peak_file_median']):>7} "
         row += "".join(f"{s['gbps_median'] / summary[o]['gbps_median']:>9.2f}" for o in good)
         print(row)
     print(
         "\nGB/s = 1e9 bytes of BF16 source per second (median over repeats, min/max beside it). "
+        "CPUs/GB = CPU seconds (user + sys) this process spent per GB; others = cores the rest of "
+        "the machine kept busy meanwhile (noise). "
         "Memory in MiB: peak RSS (ru_maxrss), 'over out' = peak RSS - RSS before the load - "
         "float16 output bytes; anon/file = peak RssAnon / RssFile (file = mapped file pages). "
         "Column '/x' = this method's median GB/s divided by x's; "
@@ -686,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
                 gbps = res["source_bytes"] / res["seconds"] / 1e9
                 print(
                     f"  [{r + 1}/{args.repeats}] {m:<18} {res['seconds']:7.2f} s  "
-                    f"{gbps:6.3f} GB/s  peak RSS {_fmt_mib(res['peak_rss'])} MiB"
+                    f"{gbps:6.3f} GB/s  cpu {res['cpu_seconds']:6.2f} s  "
+                    f"others {res['others_cores']:4.2f}  peak RSS {_fmt_mib(res['peak_rss'])} MiB"
                 )
     if methods:
         summary = summarize(runs, methods)

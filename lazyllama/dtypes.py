@@ -6,6 +6,8 @@ can be validated whatever it holds; which of them can be read, and into what, is
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +90,56 @@ def output_dtype(
     )
 
 
+_BLOCK = 1 << 16  # elements converted at a time: source, output and scratch stay in L2
+_scratch = threading.local()
+
+
+def _block_scratch() -> np.ndarray:
+    buf: np.ndarray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = np.empty(_BLOCK, np.uint16)
+    return buf
+
+
+@functools.cache
+def _bf16_table() -> np.ndarray:
+    """float16 bits of every bfloat16 bit pattern, as ml_dtypes converts them."""
+    with np.errstate(over="ignore"):
+        every = np.arange(2**16, dtype=np.uint16).view(ml_dtypes.bfloat16)
+        table: np.ndarray = every.astype(np.float16).view(np.uint16)
+    return table
+
+
+def _bf16_to_f16(src: np.ndarray, out: np.ndarray) -> int:
+    """bfloat16 → float16 bits, equal to ml_dtypes' cast, returning the overflow count.
+
+    Where the exponent is normal in float16 the result is exact, since bfloat16's 7 mantissa
+    bits fit in float16's 10: ``sign | ((bits << 3) - 0xC000)`` modulo 2**16. The rare rest
+    (zeros, subnormals, overflow, inf, NaN) is looked up in a table built with ml_dtypes. Plain
+    integer ufuncs release the GIL, so every core converts at once; ml_dtypes' cast does not.
+    """
+    table = _bf16_table()
+    scratch = _block_scratch()
+    overflow = 0
+    for start in range(0, src.size, _BLOCK):
+        s = src[start : start + _BLOCK]
+        o = out[start : start + _BLOCK]
+        t = scratch[: s.size]
+        np.left_shift(s, 3, out=o)
+        np.subtract(o, 0xC000, out=o)
+        np.bitwise_and(s, 0x8000, out=t)
+        np.bitwise_or(o, t, out=o)
+        np.bitwise_and(s, 0x7F80, out=t)
+        np.subtract(t, 0x3880, out=t)  # (exponent - 113) << 7, wrapping below 113
+        if s.size and t.max() > 0x0E80:  # some exponent outside float16's normal range
+            rare = np.flatnonzero(t > 0x0E80)
+            bits = s[rare]
+            o[rare] = table[bits]
+            exponent = (bits >> 7) & 0xFF
+            overflow += int(np.count_nonzero((exponent >= 143) & (exponent < 255)))
+    return overflow
+
+
 def convert_into(raw: memoryview | bytearray | np.ndarray, source: DType, out: np.ndarray) -> int:
     """Convert ``raw`` little-endian bytes of ``source`` dtype into ``out`` (same element count).
 
@@ -95,16 +147,22 @@ def convert_into(raw: memoryview | bytearray | np.ndarray, source: DType, out: n
     """
     assert source.numpy is not None
     src = np.frombuffer(raw, dtype=source.numpy.newbyteorder("<"))
-    if out.dtype == src.dtype:
-        out[...] = src.reshape(out.shape)
-        return 0
     flat = out.reshape(-1)
+    if out.dtype == src.dtype:
+        flat[...] = src
+        return 0
+    if source.name == "BF16" and out.dtype == _FLOAT16:
+        return _bf16_to_f16(src.view(np.uint16), flat.view(np.uint16))
     with np.errstate(over="ignore", invalid="ignore"):
-        np.copyto(flat, src, casting="unsafe")
-    if out.dtype != _FLOAT16 or (src.dtype.itemsize == 1 and source.name != "F8_E8M0"):
+        if src.dtype.type in (np.float32, np.float64):
+            np.copyto(flat, src, casting="unsafe")
+        else:  # ml_dtypes' casts hold the GIL in copyto; astype, block by block, does not
+            for start in range(0, src.size, _BLOCK):
+                flat[start : start + _BLOCK] = src[start : start + _BLOCK].astype(out.dtype)
+    if out.dtype != _FLOAT16 or src.dtype.itemsize == 1 and source.name != "F8_E8M0":
         return 0  # fp8 types other than E8M0 fit inside float16's range
-    # The output chunk is still in cache, so looking for infinities there is cheap; the source
-    # is scanned only when there is one, to tell overflow from infinities already stored.
+    # The output is looked at for infinities first (cheap); the source is scanned only when
+    # there is one, to tell overflow from infinities already stored.
     if not np.isinf(flat).any():
         return 0
     return int(np.count_nonzero(np.isinf(flat))) - int(np.count_nonzero(np.isinf(src)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -264,14 +263,14 @@ def test_greedy_tokens_match_transformers(ref: Reference) -> None:
         assert counting.passes == NEW_TOKENS  # the prompt rides in the first pass
 
 
-def test_agenerate_matches_transformers(ref: Reference) -> None:
-    async def run() -> tuple[list[int], int]:
-        async with lazyllama.open(ref.path) as m:
-            counting = Counting(m)
-            tokens = [t async for t in agenerate(counting, PROMPT, NEW_TOKENS)]
-            return tokens, counting.passes
-
-    assert asyncio.run(run()) == (ref.tokens, NEW_TOKENS)
+async def test_agenerate_matches_transformers(ref: Reference) -> None:
+    async with lazyllama.open(ref.path) as m:
+        counting = Counting(m)
+        tokens = []
+        async for token in agenerate(counting, PROMPT, NEW_TOKENS):
+            tokens.append(token)
+            assert counting.passes == len(tokens)  # each id as soon as its pass ends
+    assert tokens == ref.tokens
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
@@ -335,11 +334,24 @@ def test_tied_head_reads_embedding_in_row_blocks(
     ]
 
 
+def test_small_blocks_split_across_threads_agree(
+    references: Callable[[str], Reference], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Real sizes take the threaded, cache-sized block path; make the fixture take it too.
+    ref = references("llama3-sharded")
+    monkeypatch.setattr(infer, "_DECODE_BLOCK_ELEMENTS", 3 * 64)
+    monkeypatch.setattr(infer, "_BLOCK_ELEMENTS", 5 * 64)
+    monkeypatch.setattr(infer.os, "cpu_count", lambda: 3)
+    with lazyllama.open(ref.path) as m:
+        _assert_close(logits(m, PROMPT), ref.logits)
+        assert generate(m, PROMPT, 4) == ref.tokens[:4]
+
+
 # --- rotary frequencies -----------------------------------------------------------------------
 
 
 def _config(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> SimpleNamespace:
-    return SimpleNamespace(head_dim=head_dim, rope_theta=theta, rope_scaling=scaling, extra={})
+    return SimpleNamespace(head_dim=head_dim, rope_theta=theta, rope_scaling=scaling)
 
 
 @pytest.mark.parametrize(
