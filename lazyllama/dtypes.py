@@ -159,7 +159,7 @@ def convert_into(raw: memoryview | bytearray | np.ndarray, source: DType, out: n
         else:  # ml_dtypes' casts hold the GIL in copyto; astype, block by block, does not
             for start in range(0, src.size, _BLOCK):
                 flat[start : start + _BLOCK] = src[start : start + _BLOCK].astype(out.dtype)
-    if out.dtype != _FLOAT16 or src.dtype.itemsize == 1 and source.name != "F8_E8M0":
+    if out.dtype != _FLOAT16 or (src.dtype.itemsize == 1 and source.name != "F8_E8M0"):
         return 0  # fp8 types other than E8M0 fit inside float16's range
     # The output is looked at for infinities first (cheap); the source is scanned only when
     # there is one, to tell overflow from infinities already stored.
