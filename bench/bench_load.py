@@ -318,6 +318,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     entries = [e for e in all_entries if e.name in wanted]
     names = [e.name for e in entries]
     source_bytes = sum(e.nbytes for e in entries)
+    if method.startswith("stream-"):
+        source_bytes = sum(e.nbytes for e in all_entries if e.name.startswith("model.layers."))
     # Import what the method needs before the clock starts: import time is not load time.
     if method.startswith(("lazyllama", "stream-lazyllama", "open-")):
         import lazyllama  # noqa: F401
@@ -338,6 +340,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     base_rss = current_rss()
     extra: dict[str, Any] = {}
     ru0, busy0 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
+    io0 = proc_io()
     with MemorySampler() as mem:
         t0 = time.perf_counter()
         if method == "lazyllama":
@@ -368,6 +371,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     ru1, busy1 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     result["cpu_seconds"] = cpu
+    # Bytes that came from the disk rather than the page cache (should be ~0 when warm).
+    result["disk_read_bytes"] = proc_io()["read_bytes"] - io0["read_bytes"]
     result["sys_seconds"] = ru1.ru_stime - ru0.ru_stime
     # CPU the rest of the machine used meanwhile, in cores: how noisy this run was.
     result["others_cores"] = max(0.0, (busy1 - busy0) - cpu) / wall
@@ -475,6 +480,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
                 r["cpu_seconds"] / (r["source_bytes"] / 1e9) for r in ok
             ),
             "others_cores_median": statistics.median(r["others_cores"] for r in ok),
+            "disk_read_bytes_max": max(r.get("disk_read_bytes", 0) for r in ok),
             "peak_rss_median": statistics.median(r["peak_rss"] for r in ok),
             "peak_anon_median": statistics.median(r["peak_anon"] for r in ok),
             "peak_file_median": statistics.median(r["peak_file"] for r in ok),
@@ -550,6 +556,11 @@ def print_load_table(summary: dict[str, dict[str, Any]], methods: list[str]) -> 
         + ", ".join(f"{v} = {k}" for k, v in SHORT.items())
         + "."
     )
+    cold = [
+        m for m in good if summary[m]["disk_read_bytes_max"] > 0.01 * summary[m]["output_bytes"]
+    ]
+    if cold:
+        print("WARNING: some runs read from the disk, not the page cache:", ", ".join(cold))
     digests = {m: summary[m]["digests"] for m in good}
     distinct = {d for ds in digests.values() for d in ds}
     if len(distinct) > 1:
@@ -569,8 +580,8 @@ def print_load_table(summary: dict[str, dict[str, Any]], methods: list[str]) -> 
 
 def print_stream_table(summary: dict[str, dict[str, Any]], methods: list[str]) -> None:
     print()
-    header = f"{'stream method':<26}{'layers':>7}{'GB f16':>8}{'s med':>8}{'peak RSS':>10}"
-    header += f"{'anon':>8}{'file':>8}{'base':>8}"
+    header = f"{'stream method':<26}{'layers':>7}{'GB f16':>8}{'s med':>8}{'GB/s':>7}{'CPUs/GB':>8}"
+    header += f"{'peak RSS':>10}{'over base':>10}{'anon':>8}{'file':>8}"
     print(header)
     print("-" * len(header))
     for m in methods:
@@ -580,9 +591,15 @@ def print_stream_table(summary: dict[str, dict[str, Any]], methods: list[str]) -
             continue
         print(
             f"{m:<26}{s['layers']:>7}{s['stream_bytes'] / 1e9:>8.2f}{s['seconds_median']:>8.2f}"
-            f"{_fmt_mib(s['peak_rss_median']):>10}{_fmt_mib(s['peak_anon_median']):>8}"
-            f"{_fmt_mib(s['peak_file_median']):>8}{_fmt_mib(s['base_rss_median']):>8}"
+            f"{s['gbps_median']:>7.2f}{s['cpu_s_per_gb_median']:>8.2f}"
+            f"{_fmt_mib(s['peak_rss_median']):>10}"
+            f"{_fmt_mib(s['peak_rss_median'] - s['base_rss_median']):>10}"
+            f"{_fmt_mib(s['peak_anon_median']):>8}{_fmt_mib(s['peak_file_median']):>8}"
         )
+    print(
+        "Each walk converts every decoder layer to float16 and drops it before the next; GB/s is "
+        "of BF16 source. 'over base' = peak RSS - RSS before the walk (imports, torch)."
+    )
 
 
 def plot(summary: dict[str, dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
@@ -710,6 +727,9 @@ def main(argv: list[str] | None = None) -> int:
             if m.startswith("lazyllama") and missing_lazyllama:
                 runs.append({"method": m, "error": missing_lazyllama})
                 continue
+            # Re-warm before every run: this machine's memory manager pages out file pages that
+            # went unused for about a minute, so a warm-up done once would not last.
+            warm_page_cache(chosen)
             res = spawn({**spec_base, "method": m})
             res["repeat"] = r
             runs.append(res)
@@ -724,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  [{r + 1}/{args.repeats}] {m:<18} {res['seconds']:7.2f} s  "
                     f"{gbps:6.3f} GB/s  cpu {res['cpu_seconds']:6.2f} s  "
                     f"others {res['others_cores']:4.2f}  peak RSS {_fmt_mib(res['peak_rss'])} MiB"
+                    f"  disk {res['disk_read_bytes'] / 1e6:,.0f} MB"
                 )
     if methods:
         summary = summarize(runs, methods)
@@ -751,13 +772,14 @@ def main(argv: list[str] | None = None) -> int:
         stream_methods = [
             m for m in STREAM_METHODS if not ("torch" in m and not torch_importable())
         ]
-        warm_page_cache([e for e in entries if e.name.startswith("model.layers.")])
+        layer_entries = [e for e in entries if e.name.startswith("model.layers.")]
         stream_runs = []
         for r in range(args.repeats):
             for m in stream_methods:
                 if "lazyllama" in m and missing_lazyllama:
                     stream_runs.append({"method": m, "error": missing_lazyllama})
                     continue
+                warm_page_cache(layer_entries)
                 res = spawn({**spec_base, "names": [], "method": m})
                 stream_runs.append(res)
                 if "error" in res:

@@ -334,15 +334,11 @@ def make_checkpoint(
                 file=sys.stderr,
             )
     if len(files) > 1:
+        weight_map = {s.name: filename for filename, specs in files for s in specs}
         index = {
             "metadata": {"total_size": total},
-            "weight_map": {
-                s.name: filename
-                for filename, specs in files
-                for s in sorted(specs, key=lambda t: t.name)
-            },
+            "weight_map": dict(sorted(weight_map.items())),
         }
-        index["weight_map"] = dict(sorted(index["weight_map"].items()))
         (outdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (outdir / "config.json").write_text(json.dumps(config_dict(p), indent=2) + "\n")
     if not quiet:

@@ -25,13 +25,16 @@ __all__ = ["agenerate", "generate", "logits", "stream_generate"]
 F32 = npt.NDArray[np.float32]
 Layer = Mapping[str, npt.NDArray[Any]]
 
-# Elements of a lazily read weight (the lm_head) fetched at a time: 16 MiB of float16, so a 1 GB
-# lm_head is never in memory, let alone in float32, as a whole.
+# Elements of a weight read or widened to float32 at a time: 16 MiB of float16, so a 1 GB lm_head
+# is never in memory, let alone in float32, as a whole.
 _BLOCK_ELEMENTS = 1 << 23
-# Elements widened to float32 at a time. Decoding one token is a matrix-vector product bound by the
-# float16 -> float32 conversion, fastest on blocks that stay in a core's L2 cache; several tokens
-# at once are matrix products, better served by large blocks.
-_DECODE_BLOCK_ELEMENTS = 1 << 17
+# Multiply-adds of one small product. A token or a few at a time, a layer is bound by widening
+# float16 to float32, fastest on blocks that stay in a core's cache, and BLAS's own threads cost
+# more than they give on products this small (much more when the cores are shared), so each stays
+# on one core and the blocks are spread over a pool of threads. Many tokens at once make large
+# products, left to BLAS whole.
+_SMALL_PRODUCT = 1 << 17
+_MIN_ROWS = 4
 _POOL_LOCK = threading.Lock()
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -140,24 +143,24 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL[0]
 
 
-def _rows_matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int) -> None:
-    # y[:, start + a] = x @ w[a].T over w's rows, widening one block of rows at a time.
-    budget = _DECODE_BLOCK_ELEMENTS if x.shape[0] == 1 else _BLOCK_ELEMENTS
-    step = max(1, budget // w.shape[1])
+def _rows_matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int, step: int) -> None:
+    # y[:, start + a] = x @ w[a].T for each row a of w, widening `step` rows at a time.
     for a in range(0, w.shape[0], step):
-        block = w[a : a + step].astype(np.float32)
+        block = w[a : a + step].astype(np.float32)  # [step, in]
         y[:, start + a : start + a + block.shape[0]] = x @ block.T
 
 
 def _matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int = 0) -> None:
-    # Conversion runs on one core; numpy releases the GIL, so split the rows across the cores.
-    parts = min(os.cpu_count() or 1, max(1, w.size // _DECODE_BLOCK_ELEMENTS))
-    if parts == 1:
-        _rows_matmul(x, w, y, start)
+    """``y[:, start:start + len(w)] = x @ w.T`` for a float16 ``w`` [out, in]."""
+    rows = _SMALL_PRODUCT // (x.shape[0] * w.shape[1])
+    if rows < _MIN_ROWS:
+        _rows_matmul(x, w, y, start, max(1, _BLOCK_ELEMENTS // w.shape[1]))
         return
+    parts = min(os.cpu_count() or 1, -(-w.shape[0] // rows))
     cuts = [w.shape[0] * k // parts for k in range(parts + 1)]
     jobs = [
-        _pool().submit(_rows_matmul, x, w[a:b], y, start + a) for a, b in itertools.pairwise(cuts)
+        _pool().submit(_rows_matmul, x, w[a:b], y, start + a, rows)
+        for a, b in itertools.pairwise(cuts)
     ]
     for job in jobs:
         job.result()

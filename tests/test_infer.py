@@ -334,13 +334,18 @@ def test_tied_head_reads_embedding_in_row_blocks(
     ]
 
 
-def test_small_blocks_split_across_threads_agree(
-    references: Callable[[str], Reference], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("small_product", "block"), [(12 * 64 * 5, 7 * 64), (64, 5 * 64)])
+def test_blocked_and_threaded_products_agree(
+    references: Callable[[str], Reference],
+    monkeypatch: pytest.MonkeyPatch,
+    small_product: int,
+    block: int,
 ) -> None:
-    # Real sizes take the threaded, cache-sized block path; make the fixture take it too.
+    # Real sizes cut every product into blocks, spread over threads for a few tokens at a time;
+    # shrink the blocks so that the fixture goes through the same paths.
     ref = references("llama3-sharded")
-    monkeypatch.setattr(infer, "_DECODE_BLOCK_ELEMENTS", 3 * 64)
-    monkeypatch.setattr(infer, "_BLOCK_ELEMENTS", 5 * 64)
+    monkeypatch.setattr(infer, "_SMALL_PRODUCT", small_product)
+    monkeypatch.setattr(infer, "_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(infer.os, "cpu_count", lambda: 3)
     with lazyllama.open(ref.path) as m:
         _assert_close(logits(m, PROMPT), ref.logits)
