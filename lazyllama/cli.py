@@ -156,14 +156,67 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer(path: Path) -> Any:
+    """The folder's ``tokenizer.json`` through the optional ``tokenizers`` package, or None."""
+    file = (path if path.is_dir() else path.parent) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(file))
+
+
+def _generate_with(model: LazyModel, ids: list[int], n: int, prefetch: int, tok: Any) -> None:
+    from .infer import stream_generate
+
+    start = time.perf_counter()
+    new: list[int] = []
+    print("new ids:", end="", flush=True)
+    for token in stream_generate(model, ids, n, prefetch=prefetch):
+        new.append(token)
+        print(f" {token}", end="", flush=True)
+    secs = time.perf_counter() - start
+    print()
+    if tok is not None:
+        print("text:", tok.decode(new))
+    rate = len(new) / secs if secs > 0 else float("inf")
+    rss = _peak_rss_mib()
+    print(f"{len(new)} tokens in {secs:.2f} s: {rate:.2f} tokens/s, peak RSS {rss:.0f} MiB")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    tok = _tokenizer(path)
+    if args.prompt is not None:
+        if tok is None:
+            raise ValueError(
+                f"{path}: --prompt needs tokenizer.json in the folder and the tokenizers package"
+            )
+        ids = list(tok.encode(args.prompt).ids)
+    elif args.ids:
+        try:
+            ids = [int(x) for x in args.ids.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--ids takes comma-separated integers, not {args.ids!r}") from None
+    else:
+        raise ValueError("give the prompt as --ids 1,2,3 or --prompt TEXT")
+    with open_model(path, cache_bytes=args.cache_bytes) as model:
+        _generate_with(model, ids, args.n, args.prefetch, tok)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import write_demo
+    from .demo import DEMO_PROMPT, write_demo
 
     out = Path(args.dir)
     write_demo(out)
     print(f"wrote a demo checkpoint to {out}\n")
     with open_model(out) as model:
         ok = _print_inspect(model)
+        print(f"\n🦙 Greedy generation over streamed layers, prompt ids {DEMO_PROMPT}:")
+        _generate_with(model, DEMO_PROMPT, 8, 1, None)
     return 0 if ok else 3
 
 
@@ -188,6 +241,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-bytes", default="1GiB")
     s.add_argument("--prefetch", type=int, default=1)
     s.set_defaults(run=_stream)
+
+    s = sub.add_parser("generate", help="greedy decoding over streamed layers")
+    s.add_argument("path")
+    s.add_argument("--ids", help="prompt token ids, comma-separated")
+    s.add_argument("--prompt", help="prompt text (needs tokenizer.json and tokenizers)")
+    s.add_argument("-n", type=int, default=16, help="new tokens (default 16)")
+    s.add_argument("--cache-bytes", default=DEFAULT_CACHE_BYTES)
+    s.add_argument("--prefetch", type=int, default=1)
+    s.set_defaults(run=_generate)
 
     s = sub.add_parser("demo", help="write a small Llama-3-shaped checkpoint and inspect it")
     s.add_argument("dir", nargs="?", default=DEMO_DIR)

@@ -13,7 +13,7 @@ from .config import parse_config
 from .verify import expected_shapes
 from .writer import save_checkpoint
 
-__all__ = ["DEMO_CONFIG", "write_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_PROMPT", "write_demo"]
 
 DEMO_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -41,6 +41,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "eos_token_id": 2,
     "hidden_act": "silu",
 }
+DEMO_PROMPT = [1, 791, 646, 315, 1917]
 # Three shards: at this size layer 1 starts in the first shard and ends in the second.
 DEMO_SHARD_BYTES = 1_000_000
 

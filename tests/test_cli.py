@@ -190,3 +190,43 @@ def test_load_and_stream(demo_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert [line.split(":")[0] for line in out.splitlines()[:4]] == [
         f"layer {i:3d}" for i in range(4)
     ]
+
+
+def test_generate_prints_the_greedy_ids(demo_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    import lazyllama
+    from lazyllama.infer import generate
+
+    assert main(["generate", str(demo_dir), "--ids", "1,791,646", "-n", "5"]) == 0
+    out = capsys.readouterr().out
+    printed = [int(x) for x in out.split("new ids:")[1].splitlines()[0].split()]
+    with lazyllama.open(demo_dir) as model:
+        assert printed == generate(model, [1, 791, 646], 5)
+    assert "5 tokens in" in out and "tokens/s" in out and "peak RSS" in out
+
+
+def test_generate_with_a_prompt_and_a_tokenizer(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path / "with-tokenizer"
+    d.mkdir()
+    for f in demo_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    vocab = {f"w{i}": i for i in range(2048)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = None
+    tok.save(str(d / "tokenizer.json"))
+    assert main(["generate", str(d), "--prompt", "w1 w791 w646", "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    ids = [int(x) for x in out.split("new ids:")[1].splitlines()[0].split()]
+    assert f"text: {' '.join(f'w{i}' for i in ids)}" in out
+
+
+@pytest.mark.parametrize("argv", [["--ids", "1,x"], [], ["--prompt", "hello"], ["--ids", "99999"]])
+def test_generate_refuses_bad_prompts(
+    demo_dir: Path, argv: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["generate", str(demo_dir), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lazyllama: error: ") and err.count("\n") == 1
