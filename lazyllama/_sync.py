@@ -15,10 +15,19 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Runtime", "release", "retain", "run_async", "run_detached", "runtime", "sync"]
+__all__ = [
+    "Runtime",
+    "release",
+    "retain",
+    "run_async",
+    "run_detached",
+    "runtime",
+    "settle",
+    "sync",
+]
 
 T = TypeVar("T")
 
@@ -120,6 +129,23 @@ async def run_detached(coro: Coroutine[Any, Any, None]) -> None:
 
     work.add_done_callback(wake)
     await done
+
+
+async def settle(aw: Awaitable[T]) -> T:
+    """Await work running on a thread; if cancelled, wait for the thread to finish first,
+    so the buffer and handle it uses are not handed to anyone else while it still runs."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        if not fut.cancelled():
+            fut.exception()
+        raise
 
 
 def _after_fork_in_child() -> None:

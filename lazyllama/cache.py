@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._sync import settle
+
 __all__ = ["Cache", "CacheStats"]
 
 Reader = Callable[[list[str]], Awaitable[dict[str, np.ndarray]]]
@@ -219,6 +221,7 @@ class Cache:
                 if flight.waiters == 0 and flight.task is not None and not flight.task.done():
                     flight.task.cancel()
                     doomed.append(flight.task)
+                    self._land(flight, None)  # a newcomer must start afresh, not join it
             if doomed:  # and let them unwind, so no read outlives the caller
                 await asyncio.wait(doomed)
             raise
@@ -249,10 +252,12 @@ class Cache:
         finally:
             for task in reads:
                 task.cancel()
-            await asyncio.gather(*reads, return_exceptions=True)
-            for nbytes in flight.reserved.values():  # reserved, never stored
-                self.unreserve(nbytes)
-            flight.reserved.clear()
+            try:  # even if cancelled meanwhile, the reads stop before their bytes are given back
+                await settle(asyncio.gather(*reads, return_exceptions=True))
+            finally:
+                for nbytes in flight.reserved.values():  # reserved, never stored
+                    self.unreserve(nbytes)
+                flight.reserved.clear()
 
     def _land(self, flight: _Flight, _: object) -> None:
         """When a flight ends however it ends (even cancelled before it ran): whatever it did

@@ -68,6 +68,8 @@ def _read_index(index: Path, root: Path) -> dict[str, Path]:
     real_root = root.resolve()
     shards: dict[str, Path] = {}
     for shard in set(weight_map.values()):
+        if "\0" in shard:
+            raise CheckpointError(f"{where(index)}shard name {shard!r} holds a NUL byte")
         f = root / shard
         # A shard must stay inside the folder, symlinks resolved: an index is untrusted input.
         if Path(shard).is_absolute() or not f.resolve().is_relative_to(real_root):

@@ -19,6 +19,8 @@ __all__ = ["MAX_HEADER_BYTES", "Header", "TensorInfo", "header_length", "parse_h
 
 MAX_HEADER_BYTES = 100_000_000
 _U64 = 2**64
+_I64 = 2**63
+_MAX_DIMS = 64  # numpy holds no more
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,8 @@ def parse_header(raw: bytes, file: str, file_size: int) -> Header:
     if not isinstance(obj, dict):
         raise HeaderError(f"{where(file)}header is a JSON {type(obj).__name__}, not an object")
 
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -143,10 +146,14 @@ def _entry(entry: object, file: str, name: str) -> tuple[tuple[int, ...], str, i
     begin, end = offsets
     if begin > end:
         raise HeaderError(f"{at}data_offsets [{begin}, {end}] end before they begin")
+    if len(shape) > _MAX_DIMS:
+        raise HeaderError(f"{at}shape has {len(shape)} dimensions, more than {_MAX_DIMS}")
     bits = info.bits
-    for d in shape:  # stop as soon as the product leaves u64: no huge numbers built
+    extent = 8  # bytes of the widest element, times every non-zero dimension: what numpy holds
+    for d in shape:  # stop as soon as a product leaves 63 bits: no huge numbers built
         bits *= d
-        if bits >= _U64 * 8:
+        extent *= max(d, 1)
+        if extent >= _I64:
             raise HeaderError(f"{at}shape {shape} of {dtype} overflows 64 bits")
     if bits % 8:
         raise HeaderError(f"{at}shape {shape} of {dtype} does not fill whole bytes")

@@ -11,19 +11,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiofiles
 from aiofiles.threadpool.binary import AsyncFileIO
 
+from ._sync import settle
 from .errors import ReadError, where
 
 __all__ = ["CHUNK_BYTES", "FileSet", "Piece", "Segment", "plan"]
 
 CHUNK_BYTES = 8 << 20
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,23 +79,6 @@ def plan(ranges: Iterable[Range], chunk: int = CHUNK_BYTES) -> list[Piece]:
             last.nbytes += n
             done += n
     return pieces
-
-
-async def settle(aw: Awaitable[T]) -> T:
-    """Await work running on a thread; if cancelled, wait for the thread to finish first,
-    so the buffer and handle it uses are not handed to anyone else while it still runs."""
-    fut = asyncio.ensure_future(aw)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            try:
-                await asyncio.wait([fut])
-            except asyncio.CancelledError:
-                continue
-        if not fut.cancelled():
-            fut.exception()
-        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +141,18 @@ class FileSet:
                     await settle(handles.pop().close())
                     self._open -= 1
                     break
+        opening = asyncio.ensure_future(
+            aiofiles.open(file, "rb", buffering=0, executor=self.executor)
+        )
         try:
-            handle = await aiofiles.open(file, "rb", buffering=0, executor=self.executor)
+            handle = await settle(opening)
         except OSError as e:
             raise ReadError(f"{where(file)}cannot be opened ({e.strerror})") from None
+        except asyncio.CancelledError:
+            if not opening.cancelled() and opening.exception() is None:
+                self._open += 1  # opened all the same: pooled, closed with the rest
+                self._idle[file].append(opening.result())
+            raise
         self._open += 1
         assert isinstance(handle, AsyncFileIO)
         return handle

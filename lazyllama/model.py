@@ -653,11 +653,18 @@ async def _open_core(
     loop = asyncio.get_running_loop()
     rt = _sync.runtime()
     checkpoint = await loop.run_in_executor(rt.executor, discover, Path(path))
-    headers = await asyncio.gather(*(_read_header(str(f), rt.executor) for f in checkpoint.files))
+    # Every header read runs to its end, so a bad shard leaves nothing running behind it.
+    results = await asyncio.gather(
+        *(_read_header(str(f), rt.executor) for f in checkpoint.files), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    headers = [r for r in results if isinstance(r, Header)]
     config: LlamaConfig | None = None
     if checkpoint.config.exists() or checkpoint.index is not None or Path(path).is_dir():
         config = await loop.run_in_executor(rt.executor, load_config, checkpoint.config)
-    return checkpoint, list(headers), config
+    return checkpoint, headers, config
 
 
 def open(
