@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedDtypeError,
 )
 from .format import TensorInfo
+from .infer import agenerate, generate, logits, stream_generate
 from .model import Float16OverflowWarning, LazyModel, LazyTensor, aopen, open
 from .verify import MemoryReport, VerifyReport
 
@@ -46,7 +47,11 @@ __all__ = [
     "UnsupportedDtypeError",
     "VerifyReport",
     "__version__",
+    "agenerate",
     "aopen",
+    "generate",
     "load_llama3_from_safetensors",
+    "logits",
     "open",
+    "stream_generate",
 ]

@@ -41,6 +41,8 @@ class Runtime:
         # so a read can be under way while every core converts.
         workers = (os.cpu_count() or 1) + 1
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, "lazyllama-worker")
+        # Arithmetic (the forward pass) gets threads of its own, so reads never queue behind it.
+        self.compute = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "lazyllama-compute")
         self.loop.set_default_executor(self.executor)
         self.thread = threading.Thread(target=self.loop.run_forever, name="lazyllama-loop")
         self.thread.daemon = True
@@ -53,7 +55,8 @@ class Runtime:
             self.thread.join()
             self.loop.close()
         # Joined unless called from one of them, so no thread outlives the last model.
-        self.executor.shutdown(wait=not here.name.startswith("lazyllama-"), cancel_futures=True)
+        for pool in (self.executor, self.compute):
+            pool.shutdown(wait=not here.name.startswith("lazyllama-"), cancel_futures=True)
 
 
 _lock = threading.Lock()

@@ -12,13 +12,14 @@ import itertools
 import math
 import operator
 import os
-import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from . import _sync
 
 __all__ = ["agenerate", "generate", "logits", "stream_generate"]
 
@@ -28,20 +29,19 @@ Layer = Mapping[str, npt.NDArray[Any]]
 # Elements of a weight read or widened to float32 at a time: 16 MiB of float16, so a 1 GB lm_head
 # is never in memory, let alone in float32, as a whole.
 _BLOCK_ELEMENTS = 1 << 23
-# Multiply-adds of one small product. A token or a few at a time, a layer is bound by widening
-# float16 to float32, fastest on blocks that stay in a core's cache, and BLAS's own threads cost
-# more than they give on products this small (much more when the cores are shared), so each stays
-# on one core and the blocks are spread over a pool of threads. Many tokens at once make large
-# products, left to BLAS whole.
+# A few tokens at a time, a layer is bound by widening float16 to float32, fastest on blocks that
+# stay in a core's cache; BLAS's own threads cost more than they give on such small products (far
+# more when the cores are busy), so each product is kept under _SMALL_PRODUCT multiply-adds, which
+# BLAS runs on one core, and the blocks are spread over a pool of threads. Many tokens at once make
+# large products, left to BLAS in large blocks.
 _SMALL_PRODUCT = 1 << 17
-_MIN_ROWS = 4
-_POOL_LOCK = threading.Lock()
-_POOL: list[ThreadPoolExecutor] = []
+_FEW_TOKENS = 32
+
+_F16_FIELDS = np.int32(-0x70002000)  # 0x8FFFE000: sign, exponent and mantissa, shifted
+_F16_REBIAS = np.float32(2.0**112)  # 2 ** (127 - 15)
 
 
 class _Config(Protocol):
-    @property
-    def hidden_size(self) -> int: ...
     @property
     def num_hidden_layers(self) -> int: ...
     @property
@@ -137,26 +137,47 @@ def _silu(x: F32) -> F32:
 
 
 def _pool() -> ThreadPoolExecutor:
-    with _POOL_LOCK:
-        if not _POOL:
-            _POOL.append(ThreadPoolExecutor(os.cpu_count() or 1, "lazyllama-matmul"))
-        return _POOL[0]
+    # The runtime's compute threads stop with the last open model, as its other threads do.
+    return _sync.runtime().compute
+
+
+def _widen(w: npt.NDArray[Any], scratch: npt.NDArray[np.int32]) -> F32:
+    """``w.astype(float32)``, into ``scratch`` and several times faster for float16.
+
+    Shifted 13 bits left, a float16's exponent and mantissa land where a float32's go; multiplying
+    by 2**112 then rebiases the exponent, subnormals included. Inf and NaN would come out finite,
+    at least 65536 in magnitude, so a block holding one is left to numpy's own cast.
+    """
+    if w.dtype != np.float16 or not w.flags.c_contiguous:
+        return w.astype(np.float32)
+    bits = scratch[: w.shape[0]]
+    np.left_shift(w.view(np.int16), 13, out=bits, dtype=np.int32)  # sign-extended
+    np.bitwise_and(bits, _F16_FIELDS, out=bits)
+    f = bits.view(np.float32)
+    np.multiply(f, _F16_REBIAS, out=f)
+    if f.max() >= 65536 or f.min() <= -65536:
+        return w.astype(np.float32)
+    return f
 
 
 def _rows_matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int, step: int) -> None:
     # y[:, start + a] = x @ w[a].T for each row a of w, widening `step` rows at a time.
+    scratch = np.empty((min(step, w.shape[0]), w.shape[1]), dtype=np.int32)
     for a in range(0, w.shape[0], step):
-        block = w[a : a + step].astype(np.float32)  # [step, in]
+        block = _widen(w[a : a + step], scratch)  # [step, in]
         y[:, start + a : start + a + block.shape[0]] = x @ block.T
 
 
 def _matmul(x: F32, w: npt.NDArray[Any], y: F32, start: int = 0) -> None:
     """``y[:, start:start + len(w)] = x @ w.T`` for a float16 ``w`` [out, in]."""
-    rows = _SMALL_PRODUCT // (x.shape[0] * w.shape[1])
-    if rows < _MIN_ROWS:
+    if x.shape[0] > _FEW_TOKENS:
         _rows_matmul(x, w, y, start, max(1, _BLOCK_ELEMENTS // w.shape[1]))
         return
+    rows = max(1, _SMALL_PRODUCT // (x.shape[0] * w.shape[1]))
     parts = min(os.cpu_count() or 1, -(-w.shape[0] // rows))
+    if parts == 1:
+        _rows_matmul(x, w, y, start, rows)
+        return
     cuts = [w.shape[0] * k // parts for k in range(parts + 1)]
     jobs = [
         _pool().submit(_rows_matmul, x, w[a:b], y, start + a, rows)

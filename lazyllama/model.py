@@ -17,7 +17,6 @@ import warnings
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Callable,
     Coroutine,
     Generator,
@@ -397,19 +396,19 @@ class LazyModel(Mapping[str, LazyTensor]):
                 layers.setdefault(int(m.group(1)), {})[m.group(2)] = name
         return dict(sorted(layers.items()))
 
-    def layers(self, prefetch: int = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def layers(self, prefetch: int = 1) -> Generator[tuple[int, dict[str, np.ndarray]]]:
         """Decoder layers in order as ``(index, short name → array)``, the next ``prefetch``
         already being read while the caller works on the current one."""
         yield from _iterate(_GroupStream(self, list(self._layers().items()), prefetch))
 
-    def alayers(self, prefetch: int = 1) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
+    def alayers(self, prefetch: int = 1) -> AsyncGenerator[tuple[int, dict[str, np.ndarray]]]:
         """``layers()`` as an async iterator. Breaking out early stops the reads it started;
         wrap it in ``contextlib.aclosing()`` for that to happen before the loop is left."""
         return _aiterate(_GroupStream(self, list(self._layers().items()), prefetch))
 
     def iter_load(
         self, names: Iterable[str] | None = None, progress: bool | None = None
-    ) -> Iterator[tuple[str, np.ndarray]]:
+    ) -> Generator[tuple[str, np.ndarray]]:
         """``(name, array)`` in file order, read ahead within the cache's budget, so a caller
         that drops each array walks a checkpoint larger than memory."""
         with (
@@ -423,7 +422,7 @@ class LazyModel(Mapping[str, LazyTensor]):
 
     async def aiter_load(
         self, names: Iterable[str] | None = None, progress: bool | None = None
-    ) -> AsyncIterator[tuple[str, np.ndarray]]:
+    ) -> AsyncGenerator[tuple[str, np.ndarray]]:
         """``iter_load()`` as an async iterator."""
         with self._bar(names, progress) as (groups, bar):
             stream = _aiterate(_GroupStream(self, groups, prefetch=2))

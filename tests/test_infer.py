@@ -60,13 +60,18 @@ SPECS = {
 
 
 def _legacy_rope(key: str) -> Callable[[dict[str, Any]], None]:
-    """Rewrites a config.json as transformers 4 wrote it: rope_theta on top, rope_scaling."""
+    """Rewrites a config.json as Llama 3.1 checkpoints have it: rope_theta at the top level and
+    rope_scaling naming its kind under ``key`` (transformers 5 writes ``rope_parameters``)."""
 
     def rewrite(config: dict[str, Any]) -> None:
-        params = dict(config.pop("rope_parameters"))
-        config["rope_theta"] = params.pop("rope_theta")
-        params[key] = params.pop("rope_type")
-        config["rope_scaling"] = params
+        params = config.pop("rope_parameters", None)
+        if params is not None:
+            params = dict(params)
+            config["rope_theta"] = params.pop("rope_theta")
+            config["rope_scaling"] = params
+        scaling = dict(config["rope_scaling"])
+        scaling[key] = scaling.pop("rope_type")
+        config["rope_scaling"] = scaling
 
     return rewrite
 
@@ -104,11 +109,8 @@ def _build(spec: Spec, path: Path) -> Reference:
         rms_norm_eps=1e-5,
         initializer_range=0.2,  # wide enough that greedy decoding does not repeat one id
         tie_word_embeddings=spec.tie,
-        rope_parameters={
-            "rope_type": "default",
-            **(spec.rope or {}),
-            "rope_theta": spec.rope_theta,
-        },
+        rope_theta=spec.rope_theta,
+        rope_scaling=None if spec.rope is None else dict(spec.rope),  # a copy: it gets edited
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -334,22 +336,43 @@ def test_tied_head_reads_embedding_in_row_blocks(
     ]
 
 
-@pytest.mark.parametrize(("small_product", "block"), [(12 * 64 * 5, 7 * 64), (64, 5 * 64)])
+@pytest.mark.parametrize("few_tokens", [32, 4])
 def test_blocked_and_threaded_products_agree(
-    references: Callable[[str], Reference],
-    monkeypatch: pytest.MonkeyPatch,
-    small_product: int,
-    block: int,
+    references: Callable[[str], Reference], monkeypatch: pytest.MonkeyPatch, few_tokens: int
 ) -> None:
     # Real sizes cut every product into blocks, spread over threads for a few tokens at a time;
     # shrink the blocks so that the fixture goes through the same paths.
     ref = references("llama3-sharded")
-    monkeypatch.setattr(infer, "_SMALL_PRODUCT", small_product)
-    monkeypatch.setattr(infer, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(infer, "_SMALL_PRODUCT", 12 * 64 * 5)  # 5 rows for 12 tokens
+    monkeypatch.setattr(infer, "_BLOCK_ELEMENTS", 7 * 64)
+    monkeypatch.setattr(infer, "_FEW_TOKENS", few_tokens)
     monkeypatch.setattr(infer.os, "cpu_count", lambda: 3)
     with lazyllama.open(ref.path) as m:
         _assert_close(logits(m, PROMPT), ref.logits)
         assert generate(m, PROMPT, 4) == ref.tokens[:4]
+
+
+def test_widen_matches_numpy_cast_for_every_float16() -> None:
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(-1, 2)  # subnormals, zeros of both signs, ±65504
+    scratch = np.empty(finite.shape, np.int32)
+    got = infer._widen(finite, scratch)
+    assert np.shares_memory(got, scratch)  # the fast way
+    np.testing.assert_array_equal(got, finite.astype(np.float32))
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(finite))
+    rows = every.reshape(-1, 64)  # rows holding inf or NaN fall back to numpy's cast
+    got = np.concatenate([infer._widen(r[None], np.empty((1, 64), np.int32)) for r in rows])
+    np.testing.assert_array_equal(got, every.astype(np.float32).reshape(-1, 64))
+
+
+@pytest.mark.parametrize("variant", ["llama3-sharded", "bf16"])
+def test_stored_dtype_weights_work_too(
+    references: Callable[[str], Reference], variant: str
+) -> None:
+    ref = references(variant)
+    with lazyllama.open(ref.path, dtype=None) as m:  # float32 or bfloat16 arrays
+        assert m["model.layers.0.mlp.up_proj.weight"].load().dtype != np.float16
+        _assert_close(logits(m, PROMPT), ref.logits)
 
 
 # --- rotary frequencies -----------------------------------------------------------------------
@@ -381,14 +404,17 @@ def test_rope_frequencies_match_transformers(
 ) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
     hf_config = transformers.LlamaConfig(
-        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_parameters=params
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=None if scaling is None else dict(scaling),
     )
-    if params["rope_type"] == "default":
+    if scaling is None:
         want = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
     else:
-        want = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, "cpu")[0].numpy()
+        want = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_config, "cpu")[0].numpy()
     got = rope_frequencies(_config(head_dim, theta, scaling))  # type: ignore[arg-type]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     old_type = dict(scaling or {}, type=(scaling or {}).get("rope_type"))
