@@ -197,7 +197,7 @@ def load_reference(
         try:
             while True:
                 k = next(next_item)
-                if k >= len(work):
+                if k >= len(work) or errors:
                     return
                 fd, offset, dest = work[k]
                 n = dest.shape[0]

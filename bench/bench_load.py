@@ -3,15 +3,23 @@
 Usage::
 
     python bench/bench_load.py CHECKPOINT_DIR [--gb 4] [--repeats 3] [--json out.json]
-                               [--png out.png] [--methods a,b,...] [--stream] [--ref-chunk-mib 1]
+                               [--png out.png] [--methods a,b,...] [--stream | --stream-only]
+                               [--memory prefault|fresh] [--ref-chunk-mib 1]
 
 Every method loads the same tensors (the first ``--gb`` GB of tensor data, in file order) and
 converts them to float16. Each run is a fresh subprocess, so its peak RSS is its own; repeats go
-round-robin over the methods so that a noisy neighbour hurts all of them alike. The page cache is
-warmed first by reading the files once, so this measures CPU and memory work, not the disk.
+round-robin over the methods so that a noisy neighbour hurts all of them alike, and before each
+run the parent reads the files once (``cat``-style) so they come from the page cache, and waits
+up to ``--quiet-wait`` s for the rest of the machine to calm down. Each run records the CPU time
+it used and the cores the rest of the machine kept busy meanwhile: on a shared machine, CPU
+seconds per GB is the steadier figure.
 
 All methods keep every output array alive until the run ends (the natural use of a bulk load), so
 peak RSS is at least the float16 output size; the table shows the overhead above that too.
+
+``--memory prefault`` (default) pays the first touch of the output memory before the clock starts
+(see ``prefault_heap``): on this virtual machine that costs more than the conversion and varies a
+lot. ``--memory fresh`` leaves it in, as a one-shot load in a new process sees it.
 
 Methods:
 
@@ -25,15 +33,18 @@ Methods:
   understood"). ``get_tensor`` copies the bytes out of the file mapping, ``astype`` converts with
   ml_dtypes on one core.
 - ``safetensors-torch``: ``safe_open(file, framework="pt").get_tensor(name).half()`` with
-  ``torch.set_num_threads(2)``.
+  ``torch.set_num_threads(os.cpu_count())``.
 - ``reference``: ``bench/_ref.py``: chunked ``os.preadv`` into per-thread buffers and ml_dtypes
   conversion into preallocated outputs on every core; what this machine allows with the same
   conversion library. ``reference-bits`` converts with numpy integer ops instead and
   ``reference-torch`` with torch (see ``_ref.py``); ``reference@4`` etc. set the chunk in MiB.
+- ``reference-async``: the reference run by ``loop.run_in_executor`` beside the same 1 ms ticker
+  as ``lazyllama-aload``: the event-loop lateness any loader that keeps both cores busy causes.
 
 Also measured: ``lazyllama.open()`` time and bytes read during it (``rchar`` in /proc/self/io),
 and with ``--stream`` a layer-by-layer walk (``model.layers(prefetch=1)`` with
-``cache_bytes="1GiB"``) against the same walk with safetensors + torch.
+``cache_bytes="1GiB"``) against the same walk with safetensors + torch (``get_tensor(name).half()``
+for each tensor of a layer, dropped before the next layer).
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +81,7 @@ LOAD_METHODS = [
     "reference",
     "reference-bits",
     "reference-torch",
+    "reference-async",
 ]
 STREAM_METHODS = ["stream-lazyllama", "stream-safetensors-torch"]
 CHILD_TIMEOUT_S = 1800
@@ -117,6 +130,23 @@ class MemorySampler:
         anon, file = self.read()
         self.max_anon = max(self.max_anon, anon)
         self.max_file = max(self.max_file, file)
+
+
+def prefault_heap(nbytes: int) -> float:
+    """Touch ``nbytes`` of heap once and free it; return the first-touch rate in GB/s.
+
+    On this virtual machine the first write to fresh memory costs the kernel 1-3 CPU seconds per
+    GB, more than the conversion itself, and the figure swings with what the host is doing. All
+    loaders pay it alike for their outputs, so by default it is paid here, before timing; with
+    the environment of ``child_env(prefault=True)`` the outputs then reuse these pages.
+    """
+    import numpy as np
+
+    t0 = time.perf_counter()
+    block = np.empty(nbytes, dtype=np.uint8)
+    block[::4096] = 1
+    del block
+    return nbytes / (time.perf_counter() - t0) / 1e9
 
 
 def maxrss_bytes() -> int:
@@ -175,8 +205,9 @@ def _load_lazyllama(ckpt: str, names: list[str]) -> dict[str, Any]:
     return dict(out)
 
 
-def _load_lazyllama_async(ckpt: str, names: list[str], extra: dict[str, Any]) -> dict[str, Any]:
-    import lazyllama
+def _with_ticker(load: Callable[[], Awaitable[dict[str, Any]]], extra: dict[str, Any]) -> Any:
+    """Run ``load()`` in a fresh event loop beside a 1 ms ticker; record how late the ticks came
+    while idle (a baseline) and while ``load()`` ran, and the load's own duration."""
 
     async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -195,20 +226,40 @@ def _load_lazyllama_async(ckpt: str, names: list[str], extra: dict[str, Any]) ->
         idle = list(lateness)
         lateness.clear()
         t0 = time.perf_counter()
-        model = await lazyllama.aopen(ckpt, dtype="float16", cache_bytes=0)
-        try:
-            out = await model.aload(names, progress=False)
-        finally:
-            await model.aclose()
+        out = await load()
         extra["load_s"] = time.perf_counter() - t0
         busy = list(lateness)
         stop.set()
         await tick
         extra["lag_idle"] = _lag_stats(idle)
-        extra["lag_during_aload"] = _lag_stats(busy)
-        return dict(out)
+        extra["lag_during_load"] = _lag_stats(busy)
+        return out
 
     return asyncio.run(run())
+
+
+def _load_lazyllama_async(ckpt: str, names: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    import lazyllama
+
+    async def load() -> dict[str, Any]:
+        model = await lazyllama.aopen(ckpt, dtype="float16", cache_bytes=0)
+        try:
+            return dict(await model.aload(names, progress=False))
+        finally:
+            await model.aclose()
+
+    return dict(_with_ticker(load, extra))
+
+
+def _load_reference_async(
+    entries: list[TensorEntry], chunk: int, convert: str, extra: dict[str, Any]
+) -> dict[str, Any]:
+    async def load() -> dict[str, Any]:
+        # The plain way to keep a loop responsive: the blocking loader on a worker thread.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, load_reference, entries, chunk, None, convert)
+
+    return dict(_with_ticker(load, extra))
 
 
 def _lag_stats(lateness: list[float]) -> dict[str, float]:
@@ -338,6 +389,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         return result
     anon0, file0 = MemorySampler.read()
     base_rss = current_rss()
+    if spec.get("prefault") and not method.startswith("stream-"):
+        result["first_touch_gbps"] = prefault_heap(source_bytes)
     extra: dict[str, Any] = {}
     ru0, busy0 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
     io0 = proc_io()
@@ -355,7 +408,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             # "reference@4" runs the reference with 4 MiB chunks (to tune it).
             base, _, mib = method.partition("@")
             chunk = int(float(mib) * MiB) if mib else int(spec["ref_chunk_bytes"])
-            out = load_reference(entries, chunk_bytes=chunk, convert=REF_CONVERT[base])
+            if base == "reference-async":
+                out = _load_reference_async(entries, chunk, "ml_dtypes", extra)
+            else:
+                out = load_reference(entries, chunk_bytes=chunk, convert=REF_CONVERT[base])
         elif method == "stream-lazyllama":
             out = {}
             extra["stream_bytes"], extra["layers"] = _stream_lazyllama(ckpt)
@@ -424,14 +480,39 @@ def warm_page_cache(entries: list[TensorEntry]) -> float:
     return time.perf_counter() - t0
 
 
-def child_env() -> dict[str, str]:
-    """The environment of every child: the repo root importable even when not installed."""
+def child_env(prefault: bool = False) -> dict[str, str]:
+    """The environment of every child: the repo root importable even when not installed.
+
+    With ``prefault``, glibc malloc serves everything from one heap that it never gives back, so
+    memory touched once before the clock starts is reused by the load (see ``prefault_heap``).
+    """
     path = os.environ.get("PYTHONPATH", "")
-    return {
+    env = {
         **os.environ,
         "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else ""),
         "LAZYLLAMA_DISABLE_PROGRESS_BARS": "1",
     }
+    if prefault:
+        env.update(
+            {
+                "MALLOC_ARENA_MAX": "1",
+                "MALLOC_MMAP_MAX_": "0",
+                "MALLOC_TRIM_THRESHOLD_": str(1 << 50),
+            }
+        )
+    return env
+
+
+def wait_for_quiet(below: float, max_wait: float) -> float:
+    """Wait (up to ``max_wait`` s) for a second in which the machine's other processes keep fewer
+    than ``below`` cores busy; return the load of the last second measured."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        load = (system_busy_seconds() - b0) / (time.monotonic() - t0)
+        if load < below or time.monotonic() >= deadline:
+            return load
 
 
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +525,7 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=CHILD_TIMEOUT_S,
-            env=child_env(),
+            env=child_env(bool(spec.get("prefault")) and not spec["method"].startswith("stream-")),
         )
     except subprocess.TimeoutExpired:
         return {"method": spec["method"], "error": f"timed out after {CHILD_TIMEOUT_S} s"}
@@ -481,12 +562,18 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
             ),
             "others_cores_median": statistics.median(r["others_cores"] for r in ok),
             "disk_read_bytes_max": max(r.get("disk_read_bytes", 0) for r in ok),
+            "sys_s_per_gb_median": statistics.median(
+                r["sys_seconds"] / (r["source_bytes"] / 1e9) for r in ok
+            ),
             "peak_rss_median": statistics.median(r["peak_rss"] for r in ok),
             "peak_anon_median": statistics.median(r["peak_anon"] for r in ok),
             "peak_file_median": statistics.median(r["peak_file"] for r in ok),
             "base_rss_median": statistics.median(r["base_rss"] for r in ok),
             "digests": sorted({r.get("digest", "") for r in ok}),
         }
+        touch = [r["first_touch_gbps"] for r in ok if "first_touch_gbps" in r]
+        if touch:
+            s["first_touch_gbps"] = touch
         outb = [r.get("output_bytes", 0) for r in ok]
         s["output_bytes"] = outb[0]
         s["overhead_median"] = statistics.median(
@@ -494,7 +581,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
         )
         if errors:
             s["errors"] = errors
-        for key in ("lag_idle", "lag_during_aload"):
+        for key in ("lag_idle", "lag_during_load"):
             lags = [r[key] for r in ok if key in r and r[key].get("n")]
             if lags:
                 s[key] = {
@@ -518,6 +605,7 @@ SHORT = {
     "reference": "ref",
     "reference-bits": "ref-bit",
     "reference-torch": "ref-pt",
+    "reference-async": "ref-as",
 }
 
 
@@ -556,6 +644,13 @@ def print_load_table(summary: dict[str, dict[str, Any]], methods: list[str]) -> 
         + ", ".join(f"{v} = {k}" for k, v in SHORT.items())
         + "."
     )
+    touch = [r for m in good for r in summary[m].get("first_touch_gbps", [])]
+    if touch:
+        print(
+            f"Outputs landed in prefaulted heap pages; touching them first ran at "
+            f"{statistics.median(touch):.2f} GB/s (median; min {min(touch):.2f}), a cost not "
+            "in the figures above (--memory fresh includes it)."
+        )
     cold = [
         m for m in good if summary[m]["disk_read_bytes_max"] > 0.01 * summary[m]["output_bytes"]
     ]
@@ -568,7 +663,7 @@ def print_load_table(summary: dict[str, dict[str, Any]], methods: list[str]) -> 
     elif distinct:
         print("outputs identical across methods (sampled fingerprint).")
     for m in good:
-        for key in ("lag_idle", "lag_during_aload"):
+        for key in ("lag_idle", "lag_during_load"):
             if key in summary[m]:
                 lag = summary[m][key]
                 print(
@@ -611,28 +706,34 @@ def plot(summary: dict[str, dict[str, Any]], methods: list[str], path: Path, tit
     good = [m for m in methods if "error" not in summary[m]]
     if not good:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.6))
+    labels = [short(m) for m in good]
+    colors = ["tab:blue" if m.startswith("lazyllama") else "tab:gray" for m in good]
     med = [summary[m]["gbps_median"] for m in good]
     lo = [summary[m]["gbps_median"] - summary[m]["gbps_min"] for m in good]
     hi = [summary[m]["gbps_max"] - summary[m]["gbps_median"] for m in good]
-    colors = ["tab:blue" if m.startswith("lazyllama") else "tab:gray" for m in good]
-    ax1.bar(good, med, yerr=[lo, hi], capsize=4, color=colors)
-    ax1.set_ylabel("GB/s of BF16 source (median, min-max)")
-    ax1.set_title("throughput")
-    for i, v in enumerate(med):
-        ax1.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax1.bar(labels, med, yerr=[lo, hi], capsize=4, color=colors)
+    for i, v in enumerate(med):  # at the foot of the bar, clear of the min-max whisker
+        ax1.text(i, 0.02 * max(med), f"{v:.2f}", ha="center", color="white", fontsize=8)
+    ax1.set_ylabel("GB/s of BF16 source (median; bars: min-max)")
+    ax1.set_title("throughput (higher is better)")
+    cpu = [summary[m]["cpu_s_per_gb_median"] for m in good]
+    bars = ax2.bar(labels, cpu, color=colors)
+    ax2.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=8)
+    ax2.set_ylabel("CPU seconds per GB (median)")
+    ax2.set_title("CPU spent (lower is better)")
     rss = [summary[m]["peak_rss_median"] / MiB for m in good]
     anon = [summary[m]["peak_anon_median"] / MiB for m in good]
-    ax2.bar(good, rss, color="tab:orange", label="peak RSS")
-    ax2.bar(good, anon, color="tab:red", alpha=0.6, label="peak RssAnon")
+    ax3.bar(labels, rss, color="tab:orange", label="peak RSS")
+    ax3.bar(labels, anon, color="tab:red", alpha=0.6, label="peak RssAnon")
     out_mib = max(summary[m]["output_bytes"] for m in good) / MiB
     if out_mib:
-        ax2.axhline(out_mib, color="k", ls="--", lw=1, label="float16 output")
-    ax2.set_ylabel("MiB")
-    ax2.set_title("peak memory")
-    ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=25, labelsize=8)
+        ax3.axhline(out_mib, color="k", ls="--", lw=1, label="float16 output")
+    ax3.set_ylabel("MiB")
+    ax3.set_title("peak memory")
+    ax3.legend(fontsize=8, loc="lower right")
+    for ax in (ax1, ax2, ax3):
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -669,6 +770,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-only", action="store_true", help="only the layer streaming walk")
     ap.add_argument("--ref-chunk-mib", type=float, default=1.0, help="reference read chunk")
     ap.add_argument("--open-repeats", type=int, default=3)
+    ap.add_argument(
+        "--memory",
+        choices=["prefault", "fresh"],
+        default="prefault",
+        help="prefault: outputs land in heap pages touched before timing (stable figures); "
+        "fresh: the default allocator, first-touch page faults included",
+    )
+    ap.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.3,
+        help="before each run wait for the rest of the machine to use fewer cores than this",
+    )
+    ap.add_argument("--quiet-wait", type=float, default=20.0, help="longest such wait, seconds")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -705,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_base = {
         "ckpt": str(ckpt),
         "names": names,
+        "prefault": args.memory == "prefault",
         "ref_chunk_bytes": int(args.ref_chunk_mib * MiB),
     }
 
@@ -718,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "ref_chunk_bytes": spec_base["ref_chunk_bytes"],
+        "memory": args.memory,
     }
     if methods:
         warm_s = warm_page_cache(chosen)
@@ -730,7 +847,9 @@ def main(argv: list[str] | None = None) -> int:
             # Re-warm before every run: this machine's memory manager pages out file pages that
             # went unused for about a minute, so a warm-up done once would not last.
             warm_page_cache(chosen)
+            pre_load = wait_for_quiet(args.quiet_below, args.quiet_wait)
             res = spawn({**spec_base, "method": m})
+            res["pre_load"] = pre_load
             res["repeat"] = r
             runs.append(res)
             if "error" in res:
@@ -780,7 +899,9 @@ def main(argv: list[str] | None = None) -> int:
                     stream_runs.append({"method": m, "error": missing_lazyllama})
                     continue
                 warm_page_cache(layer_entries)
+                pre_load = wait_for_quiet(args.quiet_below, args.quiet_wait)
                 res = spawn({**spec_base, "names": [], "method": m})
+                res["pre_load"] = pre_load
                 stream_runs.append(res)
                 if "error" in res:
                     print(f"  [{r + 1}/{args.repeats}] {m}: ERROR\n    " + res["error"])

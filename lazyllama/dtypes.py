@@ -90,7 +90,7 @@ def output_dtype(
     )
 
 
-_BLOCK = 1 << 16  # elements converted at a time: source, output and scratch stay in L2
+_BLOCK = 1 << 19  # elements converted at a time: few calls for Python, blocks near L2 size
 _scratch = threading.local()
 
 
