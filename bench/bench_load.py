@@ -740,6 +740,26 @@ def plot(summary: dict[str, dict[str, Any]], methods: list[str], path: Path, tit
     plt.close(fig)
 
 
+def lazyllama_revision() -> str:
+    """The commit of the repository the children import lazyllama from, "+dirty" if edited."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "lazyllama"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def lazyllama_importable() -> str | None:
     proc = subprocess.run(
         [sys.executable, "-c", "import lazyllama; lazyllama.open"],
@@ -810,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{chosen[-1].name}); {os.cpu_count()} CPUs"
     )
     missing_lazyllama = lazyllama_importable()
+    print(f"lazyllama from {REPO_ROOT} at revision {lazyllama_revision()}")
     if missing_lazyllama:
         print(f"lazyllama not usable, its methods will be skipped: {missing_lazyllama}")
     methods = [m for m in args.methods.split(",") if m]
@@ -835,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "ref_chunk_bytes": spec_base["ref_chunk_bytes"],
         "memory": args.memory,
+        "lazyllama_revision": lazyllama_revision(),
     }
     if methods:
         warm_s = warm_page_cache(chosen)

@@ -191,12 +191,12 @@ class FileSet:
         self,
         pieces: Sequence[Piece],
         sink: Callable[[Piece, memoryview], None],
-        direct: Callable[[Piece], memoryview | None],
+        direct: Callable[[Piece], tuple[memoryview, bool] | None],
     ) -> None:
         """Read every piece, then call ``sink(piece, bytes)`` on a worker thread.
 
-        ``direct(piece)`` may return the final destination of a piece's bytes (no conversion
-        needed); those are read straight into it and the sink is not called.
+        ``direct(piece)`` may return the final destination of a piece's bytes, and whether
+        the sink must still convert them there (in place); else they go through a buffer.
         """
         tasks = [asyncio.ensure_future(self._one(p, sink, direct)) for p in pieces]
         try:
@@ -211,18 +211,21 @@ class FileSet:
         self,
         piece: Piece,
         sink: Callable[[Piece, memoryview], None],
-        direct: Callable[[Piece], memoryview | None],
+        direct: Callable[[Piece], tuple[memoryview, bool] | None],
     ) -> None:
+        loop = asyncio.get_running_loop()
         async with self._slots:
-            target = direct(piece)
-            if target is not None:
-                await self.read_into(piece.file, piece.offset, target)
+            landing = direct(piece)
+            if landing is not None:
+                view, convert = landing
+                await self.read_into(piece.file, piece.offset, view)
+                if convert:
+                    await settle(loop.run_in_executor(self.executor, sink, piece, view))
                 return
             buf = self._buffers.pop() if self._buffers else bytearray(self.chunk)
             try:
                 view = memoryview(buf)[: piece.nbytes]
                 await self.read_into(piece.file, piece.offset, view)
-                loop = asyncio.get_running_loop()
                 await settle(loop.run_in_executor(self.executor, sink, piece, view))
             finally:
                 self._buffers.append(buf)

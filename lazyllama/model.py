@@ -37,7 +37,7 @@ from . import _sync
 from .cache import Cache, CacheStats
 from .checkpoint import Checkpoint, discover
 from .config import LlamaConfig, load_config
-from .dtypes import DTYPES, DType, convert_into, output_dtype
+from .dtypes import DTYPES, DType, convert_into, converts_in_place, output_dtype
 from .errors import (
     CheckpointError,
     ClosedError,
@@ -585,15 +585,18 @@ def _convert(piece: Piece, raw: memoryview) -> None:
             t.overflow.append(overflow)
 
 
-def _direct(piece: Piece) -> memoryview | None:
-    """The output bytes a piece can be read straight into: one segment, no conversion."""
+def _direct(piece: Piece) -> tuple[memoryview, bool] | None:
+    """The output bytes a piece of one segment can be read straight into, and whether they
+    must then be converted there: no buffer when the dtype is kept, or converted in place."""
     if len(piece.segments) != 1:
         return None
     seg = piece.segments[0]
     t: _Target = seg.target
-    if t.flat.dtype != t.source.numpy:
+    convert = t.flat.dtype != t.source.numpy
+    if convert and not converts_in_place(t.source, t.flat.dtype):
         return None
-    return memoryview(t.flat.view(np.uint8).data)[seg.target_start : seg.target_start + seg.nbytes]
+    out = memoryview(t.flat.view(np.uint8).data)
+    return out[seg.target_start : seg.target_start + seg.nbytes], convert
 
 
 def _bar(total: int, progress: bool | None) -> tqdm[Any]:
