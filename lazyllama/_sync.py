@@ -37,9 +37,9 @@ class Runtime:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        # Reads wait on the disk and conversions release the GIL: one worker per core, plus one
-        # so a read can be under way while every core converts.
-        workers = (os.cpu_count() or 1) + 1
+        # One worker per core: reads and conversions release the GIL, and a worker more only
+        # adds contention for it (measured: the event loop of an async caller then lags more).
+        workers = os.cpu_count() or 1
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, "lazyllama-worker")
         # Arithmetic (the forward pass) gets threads of its own, so reads never queue behind it.
         self.compute = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "lazyllama-compute")
