@@ -19,9 +19,10 @@ import aiofiles
 from aiofiles.threadpool.binary import AsyncFileIO
 
 from ._sync import settle
-from .errors import ReadError, where
+from .errors import CheckpointError, HeaderError, ReadError, where
+from .format import Header, header_length, parse_header
 
-__all__ = ["CHUNK_BYTES", "FileSet", "Piece", "Segment", "plan"]
+__all__ = ["CHUNK_BYTES", "FileSet", "Piece", "Range", "Segment", "Stamp", "plan", "read_header"]
 
 CHUNK_BYTES = 8 << 20
 
@@ -236,3 +237,17 @@ class FileSet:
                 await settle(handles.pop().close())
                 self._open -= 1
         self._buffers.clear()
+
+
+async def read_header(file: str, executor: concurrent.futures.Executor) -> Header:
+    """Read and validate one file's header: its length prefix, then the JSON, nothing more."""
+    try:
+        size = (await asyncio.get_running_loop().run_in_executor(executor, os.stat, file)).st_size
+        async with aiofiles.open(file, "rb", buffering=0, executor=executor) as f:
+            n = header_length(await f.read(8), file, size)
+            raw = await f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{where(file)}cannot be read ({e.strerror})") from None
+    if len(raw) != n:
+        raise HeaderError(f"{where(file)}file ended inside its {n}-byte header")
+    return parse_header(raw, file, size)

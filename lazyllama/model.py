@@ -46,8 +46,8 @@ from .errors import (
     TensorNotFoundError,
     where,
 )
-from .format import Header, TensorInfo, header_length, parse_header
-from .io import FileSet, Piece, Range, Stamp, plan
+from .format import Header, TensorInfo
+from .io import FileSet, Piece, Range, Stamp, plan, read_header
 from .units import parse_bytes
 from .verify import MemoryReport, VerifyReport, memory_report, verify
 
@@ -412,7 +412,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         """``(name, array)`` in file order, read ahead within the cache's budget, so a caller
         that drops each array walks a checkpoint larger than memory."""
         with (
-            self._bar(names, progress) as (groups, bar),
+            self._grouped(names, progress) as (groups, bar),
             contextlib.closing(_iterate(_GroupStream(self, groups, prefetch=2))) as stream,
         ):
             for _, arrays in stream:
@@ -424,7 +424,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         self, names: Iterable[str] | None = None, progress: bool | None = None
     ) -> AsyncGenerator[tuple[str, np.ndarray]]:
         """``iter_load()`` as an async iterator."""
-        with self._bar(names, progress) as (groups, bar):
+        with self._grouped(names, progress) as (groups, bar):
             stream = _aiterate(_GroupStream(self, groups, prefetch=2))
             async with contextlib.aclosing(stream):  # closed with this generator, not later
                 async for _, arrays in stream:
@@ -433,7 +433,7 @@ class LazyModel(Mapping[str, LazyTensor]):
                         yield item
 
     @contextlib.contextmanager
-    def _bar(
+    def _grouped(
         self, names: Iterable[str] | None, progress: bool | None
     ) -> Iterator[tuple[list[tuple[int, dict[str, str]]], tqdm[Any]]]:
         """Groups of consecutive names, each a quarter of the budget (three are held or in
@@ -634,30 +634,13 @@ def _tensor_table(checkpoint: Checkpoint, headers: list[Header]) -> dict[str, Te
     return dict(sorted(table.items(), key=lambda kv: (kv[1].file, kv[1].offset)))
 
 
-async def _read_header(file: str, executor: Any) -> Header:
-    import aiofiles
-
-    try:
-        size = (await asyncio.get_running_loop().run_in_executor(executor, os.stat, file)).st_size
-        async with aiofiles.open(file, "rb", buffering=0, executor=executor) as f:
-            n = header_length(await f.read(8), file, size)
-            raw = await f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{where(file)}cannot be read ({e.strerror})") from None
-    if len(raw) != n:
-        raise HeaderError(f"{where(file)}file ended inside its {n}-byte header")
-    return parse_header(raw, file, size)
-
-
-async def _open_core(
-    path: str | os.PathLike[str],
-) -> tuple[Checkpoint, list[Header], LlamaConfig | None]:
+async def _open_core(path: str | os.PathLike[str], options: dict[str, Any]) -> LazyModel:
     loop = asyncio.get_running_loop()
     rt = _sync.runtime()
     checkpoint = await loop.run_in_executor(rt.executor, discover, Path(path))
     # Every header read runs to its end, so a bad shard leaves nothing running behind it.
     results = await asyncio.gather(
-        *(_read_header(str(f), rt.executor) for f in checkpoint.files), return_exceptions=True
+        *(read_header(str(f), rt.executor) for f in checkpoint.files), return_exceptions=True
     )
     for result in results:
         if isinstance(result, BaseException):
@@ -666,7 +649,7 @@ async def _open_core(
     config: LlamaConfig | None = None
     if checkpoint.config.exists() or checkpoint.index is not None or Path(path).is_dir():
         config = await loop.run_in_executor(rt.executor, load_config, checkpoint.config)
-    return checkpoint, headers, config
+    return LazyModel(checkpoint, headers, config, **options)
 
 
 def open(
@@ -678,16 +661,12 @@ def open(
     on_overflow: OnOverflow = "warn",
 ) -> LazyModel:
     """Open a checkpoint folder or one ``.safetensors`` file, reading only headers and config."""
+    options = dict(
+        dtype=dtype, cache_bytes=cache_bytes, concurrency=concurrency, on_overflow=on_overflow
+    )
     _sync.retain()  # the runtime stops again if opening fails
     try:
-        parts = _sync.sync(_open_core(path))
-        return LazyModel(
-            *parts,
-            dtype=dtype,
-            cache_bytes=cache_bytes,
-            concurrency=concurrency,
-            on_overflow=on_overflow,
-        )
+        return _sync.sync(_open_core(path, options))
     finally:
         _sync.release()
 
@@ -701,15 +680,11 @@ async def aopen(
     on_overflow: OnOverflow = "warn",
 ) -> LazyModel:
     """``open()`` without blocking the event loop; returns the same kind of object."""
+    options = dict(
+        dtype=dtype, cache_bytes=cache_bytes, concurrency=concurrency, on_overflow=on_overflow
+    )
     _sync.retain()
     try:
-        parts = await _sync.run_async(_open_core(path))
-        return LazyModel(
-            *parts,
-            dtype=dtype,
-            cache_bytes=cache_bytes,
-            concurrency=concurrency,
-            on_overflow=on_overflow,
-        )
+        return await _sync.run_async(_open_core(path, options))
     finally:
         _sync.release()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import lazyllama
-import lazyllama.model
+import lazyllama.io
 from lazyllama import CheckpointError, HeaderError
 from lazyllama.format import MAX_HEADER_BYTES
 from lazyllama.writer import save_file
@@ -323,7 +323,7 @@ def calls_to_open(path: Path) -> tuple[int, lazyllama.LazyModel]:
     """Python function calls made while opening ``path``: on the caller's thread (the model's
     table) and on the background loop (the header's parse), counted with cProfile."""
     counts: list[int] = []
-    real = lazyllama.model.parse_header
+    real = lazyllama.io.parse_header
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         prof = cProfile.Profile(builtins=False)
@@ -336,7 +336,7 @@ def calls_to_open(path: Path) -> tuple[int, lazyllama.LazyModel]:
 
     prof = cProfile.Profile(builtins=False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(lazyllama.model, "parse_header", counted)
+        patch.setattr(lazyllama.io, "parse_header", counted)
         prof.enable()
         try:
             model = lazyllama.open(path, dtype=None)
