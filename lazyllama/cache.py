@@ -275,4 +275,5 @@ class Cache:
             self._store(key, arr, flight.reserved.pop(key))
             if self._flights.get(key) is flight:
                 del self._flights[key]
-            flight.futures[key].set_result(arr)
+            if not flight.futures[key].done():  # not abandoned meanwhile
+                flight.futures[key].set_result(arr)
