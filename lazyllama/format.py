@@ -35,6 +35,11 @@ class TensorInfo:
     nbytes: int
 
     @property
+    def rows(self) -> int:
+        """Length of the first dimension; a 0-d tensor counts as one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
     def numel(self) -> int:
         n = 1
         for d in self.shape:

@@ -239,15 +239,16 @@ class FileSet:
         self._buffers.clear()
 
 
-async def read_header(file: str, executor: concurrent.futures.Executor) -> Header:
-    """Read and validate one file's header: its length prefix, then the JSON, nothing more."""
+async def read_header(file: str, executor: concurrent.futures.Executor) -> tuple[Header, Stamp]:
+    """Read and validate one file's header (its length prefix, then the JSON, nothing more),
+    with the stamp of the file as it was read, against which later reads are checked."""
     try:
-        size = (await asyncio.get_running_loop().run_in_executor(executor, os.stat, file)).st_size
+        st = await asyncio.get_running_loop().run_in_executor(executor, os.stat, file)
         async with aiofiles.open(file, "rb", buffering=0, executor=executor) as f:
-            n = header_length(await f.read(8), file, size)
+            n = header_length(await f.read(8), file, st.st_size)
             raw = await f.read(n)
     except OSError as e:
         raise CheckpointError(f"{where(file)}cannot be read ({e.strerror})") from None
     if len(raw) != n:
         raise HeaderError(f"{where(file)}file ended inside its {n}-byte header")
-    return parse_header(raw, file, size)
+    return parse_header(raw, file, st.st_size), Stamp.of(st)

@@ -160,6 +160,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         self,
         checkpoint: Checkpoint,
         headers: list[Header],
+        stamps: dict[str, Stamp],
         config: LlamaConfig | None,
         *,
         dtype: str | np.dtype[Any] | None = "float16",
@@ -186,7 +187,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         self.concurrency = concurrency
         self.on_overflow: OnOverflow = on_overflow
         self.tensors = _tensor_table(checkpoint, headers)
-        self._stamps = {h.file: Stamp.of(os.stat(h.file)) for h in headers}
+        self._stamps = stamps  # as each file was when its header was read
         self._engine: _Engine | None = None
         self._closed = False
         _sync.retain()
@@ -265,8 +266,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         targets: list[_Target] = []
         for info, start, stop in specs:
             source = DTYPES[info.dtype]
-            rows = info.shape[0] if info.shape else 1
-            row_bytes = info.nbytes // rows if rows else 0
+            row_bytes = info.nbytes // info.rows if info.rows else 0
             out = np.empty((stop - start, *info.shape[1:]), self._out_dtype(info))
             if not info.shape:
                 out = out.reshape(())
@@ -296,7 +296,7 @@ class LazyModel(Mapping[str, LazyTensor]):
 
     async def _read_whole(self, names: list[str]) -> dict[str, np.ndarray]:
         infos = [self.tensors[n] for n in names]
-        arrays = await self._read_rows([(i, 0, i.shape[0] if i.shape else 1) for i in infos])
+        arrays = await self._read_rows([(i, 0, i.rows) for i in infos])
         return dict(zip(names, arrays, strict=True))
 
     async def _get(
@@ -645,11 +645,13 @@ async def _open_core(path: str | os.PathLike[str], options: dict[str, Any]) -> L
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    headers = [r for r in results if isinstance(r, Header)]
+    read = [r for r in results if not isinstance(r, BaseException)]
+    headers = [header for header, _ in read]
+    stamps = {header.file: stamp for header, stamp in read}
     config: LlamaConfig | None = None
     if checkpoint.config.exists() or checkpoint.index is not None or Path(path).is_dir():
         config = await loop.run_in_executor(rt.executor, load_config, checkpoint.config)
-    return LazyModel(checkpoint, headers, config, **options)
+    return LazyModel(checkpoint, headers, stamps, config, **options)
 
 
 def open(
