@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import UnsupportedDtypeError, where
 
-__all__ = ["DTYPES", "DType", "convert_into", "converts_in_place", "output_dtype"]
+__all__ = ["DTYPES", "DType", "convert_into", "output_dtype"]
 
 FLOAT16_MAX_FINITE = 65504.0
 
@@ -95,16 +95,11 @@ _scratch = threading.local()
 
 
 def _block_scratch() -> np.ndarray:
-    """Two blocks of uint16 per thread: one for intermediate bits, one for a source copy."""
+    """One block of uint16 per thread, for intermediate bits."""
     buf: np.ndarray | None = getattr(_scratch, "buf", None)
     if buf is None:
-        buf = _scratch.buf = np.empty((2, _BLOCK), np.uint16)
+        buf = _scratch.buf = np.empty(_BLOCK, np.uint16)
     return buf
-
-
-def converts_in_place(source: DType, target: np.dtype[Any]) -> bool:
-    """Whether ``convert_into`` can write over its own input: bfloat16 into float16."""
-    return source.name == "BF16" and target == _FLOAT16
 
 
 @functools.cache
@@ -125,16 +120,12 @@ def _bf16_to_f16(src: np.ndarray, out: np.ndarray) -> int:
     integer ufuncs release the GIL, so every core converts at once; ml_dtypes' cast does not.
     """
     table = _bf16_table()
-    scratch, copy = _block_scratch()
-    in_place = np.may_share_memory(src, out)
+    scratch = _block_scratch()
     overflow = 0
     for start in range(0, src.size, _BLOCK):
         s = src[start : start + _BLOCK]
         o = out[start : start + _BLOCK]
         t = scratch[: s.size]
-        if in_place:  # the block is read whole before it is overwritten
-            s = copy[: s.size]
-            np.copyto(s, src[start : start + _BLOCK])
         np.left_shift(s, 3, out=o)
         np.subtract(o, 0xC000, out=o)
         np.bitwise_and(s, 0x8000, out=t)

@@ -1,16 +1,19 @@
-"""Async reads of byte ranges over aiofiles: shared concurrency, reused handles, coalescing.
+"""Async reads of byte ranges: one concurrency limit, one shared handle per file, coalescing.
 
-aiofiles has no positional read, so each read takes a handle of its own from a per-file pool,
-seeks and reads; no two reads ever share a handle's position. Ranges that touch are merged and
-cut into chunks of a few MiB, each read into a reusable buffer and handed to a ``sink`` that runs
-on a worker thread, so reading and converting overlap and use every core.
+Files are opened and closed through aiofiles on the worker threads. Ranges that touch are merged
+and cut into pieces of a few MiB; each piece is one job on a worker thread, which reads it with
+positional reads (so reads never race on a handle's position and share it freely), a block at a
+time into that thread's buffer, and hands each block to a sink that converts it while it is still
+in the CPU cache. One trip to a worker per piece; reading and converting run on every core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +99,7 @@ class Stamp:
 
 
 class FileSet:
-    """Read access to a fixed set of files: one concurrency limit, pooled handles, buffers."""
+    """Read access to a fixed set of files: one concurrency limit, one shared handle per file."""
 
     def __init__(
         self,
@@ -110,15 +113,14 @@ class FileSet:
         self.chunk = chunk
         self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
-        self._idle: dict[str, list[AsyncFileIO]] = {}
-        self._open = 0
-        self._buffers: list[bytearray] = []
+        self._handles: dict[str, asyncio.Future[Any]] = {}
+        self._users: dict[str, int] = {}
         self.bytes_read = 0
         self.reads = 0
 
     @property
     def open_handles(self) -> int:
-        return self._open
+        return len(self._handles)
 
     def check(self, file: str) -> None:
         """Raise ``ReadError`` when ``file`` is not the file that was opened."""
@@ -132,73 +134,46 @@ class FileSet:
                 f"(size {self.stamps[file].size} → {now.size}); open the checkpoint again"
             )
 
-    async def _handle(self, file: str) -> AsyncFileIO:
-        idle = self._idle.setdefault(file, [])
-        if idle:
-            return idle.pop()
-        if self._open >= self.concurrency:  # bounded: close an idle handle of another file
-            for handles in self._idle.values():
-                if handles:
-                    await settle(handles.pop().close())
-                    self._open -= 1
-                    break
-        opening = asyncio.ensure_future(
-            aiofiles.open(file, "rb", buffering=0, executor=self.executor)
-        )
+    async def _acquire(self, file: str) -> AsyncFileIO:
+        """The file's handle, opened once on first use and shared; at most ``concurrency``
+        stay open. The caller gives it back with ``self._users[file] -= 1``."""
+        opening = self._handles.get(file)
+        if opening is None:
+            if len(self._handles) >= self.concurrency:  # close one that no read is using
+                idle = next((f for f, h in self._handles.items() if self._idle(f, h)), None)
+                if idle is not None:
+                    del self._users[idle]
+                    await settle(self._handles.pop(idle).result().close())
+            opening = asyncio.ensure_future(
+                aiofiles.open(file, "rb", buffering=0, executor=self.executor)
+            )
+            self._handles[file], self._users[file] = opening, 0
+        self._users[file] += 1
         try:
-            handle = await settle(opening)
-        except OSError as e:
-            raise ReadError(f"{where(file)}cannot be opened ({e.strerror})") from None
-        except asyncio.CancelledError:
-            if not opening.cancelled() and opening.exception() is None:
-                self._open += 1  # opened all the same: pooled, closed with the rest
-                self._idle[file].append(opening.result())
+            handle = await asyncio.shield(opening)  # one waiter leaving does not stop the rest
+        except BaseException as e:
+            self._users[file] -= 1
+            if isinstance(e, OSError):
+                if self._handles.get(file) is opening:  # a later read tries again
+                    del self._handles[file], self._users[file]
+                raise ReadError(f"{where(file)}cannot be opened ({e.strerror})") from None
             raise
-        self._open += 1
         assert isinstance(handle, AsyncFileIO)
         return handle
 
-    async def read_into(self, file: str, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the bytes of ``file`` at ``offset``, or raise ``ReadError``."""
-        self.check(file)
-        handle = await self._handle(file)
-        ok = False
-        try:
-            await settle(handle.seek(offset))
-            got = 0
-            while got < len(buf):
-                n = await settle(handle.readinto(buf[got:]))
-                if not n:
-                    raise ReadError(
-                        f"{where(file)}short read: {got} of {len(buf)} bytes at offset {offset}"
-                        " (file truncated?)"
-                    )
-                got += n
-            ok = True
-        except OSError as e:
-            if isinstance(e, ReadError):
-                raise
-            raise ReadError(f"{where(file)}read failed at offset {offset}: {e}") from e
-        finally:
-            if ok:
-                self._idle[file].append(handle)
-            else:  # state unknown after an error or a cancellation: drop it
-                self._open -= 1
-                await settle(handle.close())
-        self.bytes_read += len(buf)
-        self.reads += 1
+    def _idle(self, file: str, opening: asyncio.Future[Any]) -> bool:
+        return not self._users[file] and opening.done() and opening.exception() is None
 
     async def run(
         self,
         pieces: Sequence[Piece],
-        sink: Callable[[Piece, memoryview], None],
-        direct: Callable[[Piece], tuple[memoryview, bool] | None],
+        sink: Callable[[Segment, int, memoryview], None],
+        direct: Callable[[Segment], memoryview | None],
     ) -> None:
-        """Read every piece, then call ``sink(piece, bytes)`` on a worker thread.
-
-        ``direct(piece)`` may return the final destination of a piece's bytes, and whether
-        the sink must still convert them there (in place); else they go through a buffer.
-        """
+        """Read every piece; each runs as one job on a worker thread, which reads it a block
+        at a time and calls ``sink(segment, at, block)`` for bytes ``at`` onwards of a segment
+        while they are still in the CPU cache. ``direct(segment)`` may instead return the
+        segment's final destination, which its bytes are then read straight into."""
         tasks = [asyncio.ensure_future(self._one(p, sink, direct)) for p in pieces]
         try:
             await asyncio.gather(*tasks)
@@ -211,32 +186,91 @@ class FileSet:
     async def _one(
         self,
         piece: Piece,
-        sink: Callable[[Piece, memoryview], None],
-        direct: Callable[[Piece], tuple[memoryview, bool] | None],
+        sink: Callable[[Segment, int, memoryview], None],
+        direct: Callable[[Segment], memoryview | None],
     ) -> None:
         loop = asyncio.get_running_loop()
         async with self._slots:
-            landing = direct(piece)
-            if landing is not None:
-                view, convert = landing
-                await self.read_into(piece.file, piece.offset, view)
-                if convert:
-                    await settle(loop.run_in_executor(self.executor, sink, piece, view))
-                return
-            buf = self._buffers.pop() if self._buffers else bytearray(self.chunk)
+            handle = await self._acquire(piece.file)
             try:
-                view = memoryview(buf)[: piece.nbytes]
-                await self.read_into(piece.file, piece.offset, view)
-                await settle(loop.run_in_executor(self.executor, sink, piece, view))
+                job = loop.run_in_executor(
+                    self.executor, self._fill, piece, handle.fileno(), sink, direct
+                )
+                await settle(job)
             finally:
-                self._buffers.append(buf)
+                self._users[piece.file] -= 1
+        self.bytes_read += piece.nbytes
+        self.reads += 1
+
+    def _fill(
+        self,
+        piece: Piece,
+        fd: int,
+        sink: Callable[[Segment, int, memoryview], None],
+        direct: Callable[[Segment], memoryview | None],
+    ) -> None:
+        """Read one piece and hand it on (on a worker thread)."""
+        self.check(piece.file)
+        for seg in piece.segments:
+            offset = piece.offset + seg.start
+            dest = direct(seg)
+            if dest is not None:
+                _pread(fd, piece.file, dest, offset)
+                continue
+            block = _block()
+            for at in range(0, seg.nbytes, len(block)):
+                view = block[: min(len(block), seg.nbytes - at)]
+                _pread(fd, piece.file, view, offset + at)
+                sink(seg, at, view)
 
     async def aclose(self) -> None:
-        for handles in self._idle.values():
-            while handles:
-                await settle(handles.pop().close())
-                self._open -= 1
-        self._buffers.clear()
+        while self._handles:
+            _, opening = self._handles.popitem()
+            with contextlib.suppress(Exception):
+                await settle(asyncio.shield(opening))
+                await settle(opening.result().close())
+        self._users.clear()
+
+
+BLOCK_BYTES = 1 << 20  # read and converted at a time by one thread: stays in its CPU cache
+_local = threading.local()
+
+
+def _block() -> memoryview:
+    """This thread's block buffer."""
+    block: memoryview | None = getattr(_local, "block", None)
+    if block is None:
+        block = _local.block = memoryview(bytearray(BLOCK_BYTES))
+    return block
+
+
+_seek_lock = threading.Lock()
+
+
+def _pread(fd: int, file: str, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the bytes of ``file`` (open as ``fd``) at ``offset``, or raise
+    ``ReadError``. Positional, so any number of threads share one descriptor."""
+    got = 0
+    try:
+        while got < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[got:]], offset + got)
+            else:  # no positional read on this system (Windows): seek and read, one at a time
+                with _seek_lock:
+                    os.lseek(fd, offset + got, os.SEEK_SET)
+                    data = os.read(fd, len(view) - got)
+                n = len(data)
+                view[got : got + n] = data
+            if not n:
+                raise ReadError(
+                    f"{where(file)}short read: {got} of {len(view)} bytes at offset {offset}"
+                    " (file truncated?)"
+                )
+            got += n
+    except OSError as e:
+        if isinstance(e, ReadError):
+            raise
+        raise ReadError(f"{where(file)}read failed at offset {offset}: {e}") from e
 
 
 async def read_header(file: str, executor: concurrent.futures.Executor) -> tuple[Header, Stamp]:

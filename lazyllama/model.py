@@ -37,7 +37,7 @@ from . import _sync
 from .cache import Cache, CacheStats
 from .checkpoint import Checkpoint, discover
 from .config import LlamaConfig, load_config
-from .dtypes import DTYPES, DType, convert_into, converts_in_place, output_dtype
+from .dtypes import DTYPES, DType, convert_into, output_dtype
 from .errors import (
     CheckpointError,
     ClosedError,
@@ -47,7 +47,7 @@ from .errors import (
     where,
 )
 from .format import Header, TensorInfo
-from .io import FileSet, Piece, Range, Stamp, plan, read_header
+from .io import FileSet, Range, Segment, Stamp, plan, read_header
 from .units import parse_bytes
 from .verify import MemoryReport, VerifyReport, memory_report, verify
 
@@ -573,30 +573,23 @@ async def _aiterate(stream: _GroupStream) -> AsyncGenerator[tuple[int, dict[str,
             await _sync.run_detached(stream.aclose())
 
 
-def _convert(piece: Piece, raw: memoryview) -> None:
-    """Convert a piece's bytes into their outputs (on a worker thread)."""
-    for seg in piece.segments:
-        t: _Target = seg.target
-        size = t.source.bits // 8
-        first = seg.target_start // size
-        out = t.flat[first : first + seg.nbytes // size]
-        overflow = convert_into(raw[seg.start : seg.start + seg.nbytes], t.source, out)
-        if overflow:
-            t.overflow.append(overflow)
-
-
-def _direct(piece: Piece) -> tuple[memoryview, bool] | None:
-    """The output bytes a piece of one segment can be read straight into, and whether they
-    must then be converted there: no buffer when the dtype is kept, or converted in place."""
-    if len(piece.segments) != 1:
-        return None
-    seg = piece.segments[0]
+def _convert(seg: Segment, at: int, raw: memoryview) -> None:
+    """Convert bytes ``at`` onwards of a segment into their output (on a worker thread)."""
     t: _Target = seg.target
-    convert = t.flat.dtype != t.source.numpy
-    if convert and not converts_in_place(t.source, t.flat.dtype):
+    size = t.source.bits // 8
+    first = (seg.target_start + at) // size
+    overflow = convert_into(raw, t.source, t.flat[first : first + len(raw) // size])
+    if overflow:
+        t.overflow.append(overflow)
+
+
+def _direct(seg: Segment) -> memoryview | None:
+    """The output bytes a segment is read straight into when its dtype is kept as stored."""
+    t: _Target = seg.target
+    if t.flat.dtype != t.source.numpy:
         return None
     out = memoryview(t.flat.view(np.uint8).data)
-    return out[seg.target_start : seg.target_start + seg.nbytes], convert
+    return out[seg.target_start : seg.target_start + seg.nbytes]
 
 
 def _bar(total: int, progress: bool | None) -> tqdm[Any]:

@@ -19,7 +19,6 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from aiofiles.threadpool.binary import AsyncFileIO
 
 import lazyllama
 import lazyllama.io
@@ -186,24 +185,30 @@ def test_cached_tensors_stay_readable_after_a_change(
 
 
 class Failing:
-    """Make the next ``times`` calls of an async method raise ``error``; count every call."""
+    """Make the next ``times`` calls of a function (awaitable unless ``sync``) raise ``error``."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str) -> None:
-        self.real = getattr(owner, method)
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, sync: bool = False
+    ) -> None:
+        self.real = real = getattr(owner, method)
         self.times = 0
-        self.calls = 0
         self.error: BaseException = OSError(errno.EIO, "Input/output error")
-        real = self.real
         failing = self
 
-        async def fake(*args: Any, **kwargs: Any) -> Any:
-            failing.calls += 1
+        def fail() -> None:
             if failing.times:
                 failing.times -= 1
                 raise failing.error
+
+        def fake(*args: Any, **kwargs: Any) -> Any:
+            fail()
+            return real(*args, **kwargs)
+
+        async def afake(*args: Any, **kwargs: Any) -> Any:
+            fail()
             return await real(*args, **kwargs)
 
-        monkeypatch.setattr(owner, method, fake)
+        monkeypatch.setattr(owner, method, fake if sync else afake)
 
 
 @pytest.mark.parametrize("how", sorted(READS))
@@ -213,7 +218,7 @@ def test_an_os_read_error_is_a_read_error_and_a_retry_succeeds(
 ) -> None:
     want = oracle_f16(shard)[name]
     index = {"load": ..., "rows": slice(3, 9), "row": -1}[how]
-    failing = Failing(monkeypatch, AsyncFileIO, "readinto")
+    failing = Failing(monkeypatch, os, "preadv", sync=True)
     failing.times = 1
     error = assert_read_error(lambda: READS[how](model[name]), shard)
     assert "Input/output error" in str(error)
@@ -221,7 +226,7 @@ def test_an_os_read_error_is_a_read_error_and_a_retry_succeeds(
     assert_nothing_left(model, [name])
     handles = model._eng().files.open_handles
     assert handles <= model.concurrency
-    got = READS[how](model[name])  # the handle that failed was dropped; this one is fresh
+    got = READS[how](model[name])
     assert same_bits(np.asarray(got), want[index])
     if how == "load":
         assert model.cache_stats().resident_bytes == want.nbytes
@@ -234,7 +239,7 @@ def test_a_retry_after_a_read_error_fits_a_budget_just_above_the_tensor(
     """The failed read's reservation is given back: a budget with room for one copy of the
     tensor is enough for the retry (it would wait for room forever otherwise)."""
     want = oracle_f16(shard)["w_f32"]
-    failing = Failing(monkeypatch, AsyncFileIO, "readinto")
+    failing = Failing(monkeypatch, os, "preadv", sync=True)
 
     async def retry(m: lazyllama.LazyModel) -> np.ndarray:
         return await asyncio.wait_for(m["w_f32"].aload(), 3)
@@ -252,7 +257,7 @@ def test_a_read_error_while_others_wait_reaches_every_waiter(
     the ReadError (none hangs, none gets data), and the next request reads again."""
     import threading
 
-    failing = Failing(monkeypatch, AsyncFileIO, "readinto")
+    failing = Failing(monkeypatch, os, "preadv", sync=True)
     failing.times = 1
     gate = threading.Barrier(4)
     outcomes: list[Any] = []
@@ -279,18 +284,17 @@ def test_a_read_error_while_others_wait_reaches_every_waiter(
 def test_a_short_read_from_the_os_is_a_read_error(
     model: lazyllama.LazyModel, shard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """readinto() returning 0 before the range is full (the file ended) is not taken as data."""
-    real = AsyncFileIO.readinto
+    """A read returning 0 before the range is full (the file ended) is not taken as data."""
+    real = os.preadv
     short = {"left": 1}
 
-    async def readinto(self: Any, buf: Any) -> int:
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
         if short["left"]:
             short["left"] -= 1
             return 0
-        result: int = await real(self, buf)
-        return result
+        return real(fd, buffers, offset)
 
-    monkeypatch.setattr(AsyncFileIO, "readinto", readinto)
+    monkeypatch.setattr(os, "preadv", preadv)
     error = assert_read_error(model["w_f32"].load, shard)
     assert "short read" in str(error)
     assert_nothing_left(model, ["w_f32"])
@@ -300,18 +304,36 @@ def test_a_short_read_from_the_os_is_a_read_error(
 def test_partial_reads_from_the_os_are_completed(
     model: lazyllama.LazyModel, shard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """readinto() may return fewer bytes than asked without being at the end: keep reading."""
-    real = AsyncFileIO.readinto
+    """A read may return fewer bytes than asked without being at the end: keep reading."""
+    real = os.preadv
 
-    async def readinto(self: Any, buf: Any) -> int:
-        view = memoryview(buf)
-        result: int = await real(self, view[: max(1, min(len(view), 7))])
-        return result
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        return real(fd, [buffers[0][:7]], offset)
 
-    monkeypatch.setattr(AsyncFileIO, "readinto", readinto)
+    monkeypatch.setattr(os, "preadv", preadv)
     want = oracle_f16(shard)
     for name in want:
         assert same_bits(model[name].load(), want[name])
+
+
+def test_without_a_positional_read_threads_seek_and_read_in_turn(
+    shard: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the OS has no positional read (Windows), reads sharing a handle seek and read
+    one at a time: many at once, uncached, each still gets its own rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delattr(os, "preadv")
+    want = oracle_f16(shard)
+    asks = [(name, i) for name in want for i in range(len(want[name]))] * 3
+    with (
+        watchdog(60),
+        lazyllama.open(shard.parent, cache_bytes=0) as m,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        got = list(pool.map(lambda ask: m[ask[0]][ask[1]], asks))
+    for (name, i), row in zip(asks, got, strict=True):
+        assert same_bits(row, want[name][i])
 
 
 def test_a_failure_to_open_the_file_is_a_read_error_and_a_retry_succeeds(
