@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
@@ -37,6 +38,7 @@ _BLOCK_ELEMENTS = 1 << 23
 _SMALL_PRODUCT = 1 << 17
 _FEW_TOKENS = 32
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 _F16_FIELDS = np.int32(-0x70002000)  # 0x8FFFE000: sign, exponent and mantissa, shifted
 _F16_REBIAS = np.float32(2.0**112)  # 2 ** (127 - 15)
 
@@ -142,15 +144,20 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _widen(w: npt.NDArray[Any], scratch: npt.NDArray[np.int32]) -> F32:
-    """``w.astype(float32)``, into ``scratch`` and several times faster for float16.
+    """``w.astype(float32)``, into ``scratch`` and several times faster for (b)float16.
 
-    Shifted 13 bits left, a float16's exponent and mantissa land where a float32's go; multiplying
-    by 2**112 then rebiases the exponent, subnormals included. Inf and NaN would come out finite,
-    at least 65536 in magnitude, so a block holding one is left to numpy's own cast.
+    A bfloat16 is the top half of a float32: one shift. Shifted 13 bits left, a float16's
+    exponent and mantissa land where a float32's go; multiplying by 2**112 then rebiases the
+    exponent, subnormals included. Inf and NaN would come out finite, at least 65536 in
+    magnitude, so a float16 block holding one is left to numpy's own cast.
     """
-    if w.dtype != np.float16 or not w.flags.c_contiguous:
+    if not w.flags.c_contiguous or w.dtype not in (np.float16, _BF16):
         return w.astype(np.float32)
     bits = scratch[: w.shape[0]]
+    if w.dtype == _BF16:
+        wide = bits.view(np.uint32)
+        np.left_shift(w.view(np.uint16), 16, out=wide, dtype=np.uint32)
+        return wide.view(np.float32)
     np.left_shift(w.view(np.int16), 13, out=bits, dtype=np.int32)  # sign-extended
     np.bitwise_and(bits, _F16_FIELDS, out=bits)
     f = bits.view(np.float32)

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -365,6 +366,15 @@ def test_widen_matches_numpy_cast_for_every_float16() -> None:
     np.testing.assert_array_equal(got, every.astype(np.float32).reshape(-1, 64))
 
 
+def test_widen_is_exact_for_every_bfloat16() -> None:
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(ml_dtypes.bfloat16)
+    every = every.reshape(-1, 256)  # inf, NaN and subnormals included: a bfloat16 widens exactly
+    scratch = np.empty(every.shape, np.int32)
+    got = infer._widen(every, scratch)
+    assert np.shares_memory(got, scratch)  # the fast way
+    np.testing.assert_array_equal(got.view(np.uint32), every.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("variant", ["llama3-sharded", "bf16"])
 def test_stored_dtype_weights_work_too(
     references: Callable[[str], Reference], variant: str
@@ -373,6 +383,7 @@ def test_stored_dtype_weights_work_too(
     with lazyllama.open(ref.path, dtype=None) as m:  # float32 or bfloat16 arrays
         assert m["model.layers.0.mlp.up_proj.weight"].load().dtype != np.float16
         _assert_close(logits(m, PROMPT), ref.logits)
+        assert generate(m, PROMPT, NEW_TOKENS) == ref.tokens
 
 
 # --- rotary frequencies -----------------------------------------------------------------------
