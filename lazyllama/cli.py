@@ -202,7 +202,8 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--ids takes comma-separated integers, not {args.ids!r}") from None
     else:
         raise ValueError("give the prompt as --ids 1,2,3 or --prompt TEXT")
-    with open_model(path, cache_bytes=args.cache_bytes) as model:
+    dtype = None if args.dtype == "stored" else args.dtype
+    with open_model(path, dtype=dtype, cache_bytes=args.cache_bytes) as model:
         _generate_with(model, ids, args.n, args.prefetch, tok)
     return 0
 
@@ -247,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", help="prompt token ids, comma-separated")
     s.add_argument("--prompt", help="prompt text (needs tokenizer.json and tokenizers)")
     s.add_argument("-n", type=int, default=16, help="new tokens (default 16)")
+    s.add_argument(
+        "--dtype",
+        choices=["stored", "float16"],
+        default="stored",
+        help="weights as stored (default: BF16 is widened to float32 exactly, without "
+        "a conversion on reading) or converted to float16 as they are read",
+    )
     s.add_argument("--cache-bytes", default=DEFAULT_CACHE_BYTES)
     s.add_argument("--prefetch", type=int, default=1)
     s.set_defaults(run=_generate)

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,14 +193,30 @@ def test_load_and_stream(demo_dir: Path, capsys: pytest.CaptureFixture) -> None:
     ]
 
 
-def test_generate_prints_the_greedy_ids(demo_dir: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("flag", "dtype"), [([], None), (["--dtype", "float16"], "float16")])
+def test_generate_prints_the_greedy_ids(
+    demo_dir: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    flag: list[str],
+    dtype: str | None,
+) -> None:
     import lazyllama
+    import lazyllama.cli
     from lazyllama.infer import generate
 
-    assert main(["generate", str(demo_dir), "--ids", "1,791,646", "-n", "5"]) == 0
+    opened: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> lazyllama.LazyModel:
+        opened.append(kwargs.get("dtype", "float16"))
+        return lazyllama.open(*args, **kwargs)
+
+    monkeypatch.setattr(lazyllama.cli, "open_model", spy)
+    assert main(["generate", str(demo_dir), "--ids", "1,791,646", "-n", "5", *flag]) == 0
+    assert opened == [dtype]  # BF16 kept as stored unless asked otherwise
     out = capsys.readouterr().out
     printed = [int(x) for x in out.split("new ids:")[1].splitlines()[0].split()]
-    with lazyllama.open(demo_dir) as model:
+    with lazyllama.open(demo_dir, dtype=dtype) as model:
         assert printed == generate(model, [1, 791, 646], 5)
     assert "5 tokens in" in out and "tokens/s" in out and "peak RSS" in out
 
