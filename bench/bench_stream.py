@@ -5,12 +5,14 @@ Usage::
 
     python bench/bench_stream.py [all|throttled|big] [--checkpoint DIR] [--big-checkpoint DIR]
                                  [--disk-mbps 500 ...] [--tokens 4] [--big-tokens 3]
-                                 [--cache-bytes 2GiB] [--json bench/results/bench_stream.json]
+                                 [--cache-bytes 2GiB] [--dtype float16|stored]
+                                 [--json bench/results/bench_stream.json]
 
 ``throttled`` (default checkpoint ``/work/ckpt/llama3-1b``): every read of lazyllama is held to
-``--disk-mbps`` MB/s (a disk with one queue, by default an SSD's 500 MB/s): ``FileSet.read_into``
-of ``lazyllama.io`` is wrapped so that each read takes its turn on one virtual device and finishes
-``nbytes / bandwidth`` after it started. ``cache_bytes=0``, so every token reads every layer again.
+``--disk-mbps`` MB/s (a disk with one queue, by default an SSD's 500 MB/s): ``FileSet._one``
+of ``lazyllama.io`` (the read of one piece) is wrapped so that each read takes its turn on one
+virtual device and finishes ``nbytes / bandwidth`` after it started. ``cache_bytes=0``, so every
+token reads every layer again.
 Four greedy decodings through ``lazyllama.infer.stream_generate`` take turns token by token (so a
 busy neighbour slows them all alike); per token, the median over the ``--tokens`` after the prompt:
 
@@ -24,6 +26,10 @@ The target: prefetch=1 <= 1.15 x max(read, compute), against about read + comput
 ``big`` (default ``/work/ckpt/llama3-8b``, written by ``bench/make_checkpoint.py llama3-8b``):
 greedy decoding with ``cache_bytes=2GiB``, no throttle (the files come from the page cache when
 they fit in it), reporting the time of each token and the process's peak RSS (target ≤ 3 GiB).
+
+``--dtype stored`` opens the weights as stored (BF16 kept as bfloat16) instead of float16: no
+conversion on reading, and widening to float32 for the arithmetic is one shift instead of five
+passes.
 
 Each mode runs in a fresh subprocess, so its peak RSS is its own. A table is printed and all the
 figures are written as JSON.
@@ -53,7 +59,7 @@ import numpy as np
 
 import lazyllama
 from lazyllama import infer
-from lazyllama.io import FileSet
+from lazyllama.io import FileSet, Piece
 
 PROMPT = [128000, 791, 4062, 14198, 39935, 35308, 927, 279]  # 8 ids, within Llama 3's vocab
 GIB = 1 << 30
@@ -82,20 +88,20 @@ class Disk:
 
 @contextlib.contextmanager
 def throttled(disk: Disk) -> Iterator[None]:
-    real = FileSet.read_into
+    real = FileSet._one
 
-    async def read_into(self: FileSet, file: str, offset: int, buf: memoryview) -> None:
-        done = disk.book(len(buf))
-        await real(self, file, offset, buf)
+    async def one(self: FileSet, piece: Piece, *rest: Any) -> None:
+        done = disk.book(piece.nbytes)
+        await real(self, piece, *rest)
         delay = done - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
 
-    FileSet.read_into = read_into  # type: ignore[method-assign]
+    FileSet._one = one  # type: ignore[method-assign]
     try:
         yield
     finally:
-        FileSet.read_into = real  # type: ignore[method-assign]
+        FileSet._one = real  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -181,12 +187,13 @@ MODES = ("read", "compute", "prefetch1", "prefetch0")
 
 def run_throttled(args: argparse.Namespace) -> dict[str, Any]:
     path = args.checkpoint
-    with lazyllama.open(path, cache_bytes=0) as model:
+    with lazyllama.open(path, dtype=_dtype(args), cache_bytes=0) as model:
         stored = sum(model[n].nbytes for n in model)
         held = ComputeOnly(model)
         prompt = [t % model.config.vocab_size for t in PROMPT]
         out: dict[str, Any] = {
             "checkpoint": str(path),
+            "dtype": args.dtype,
             "stored_bytes": stored,
             "tokens": args.tokens,
             "runs": [],
@@ -251,13 +258,14 @@ def run_throttled(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_big(args: argparse.Namespace) -> dict[str, Any]:
     path = args.big_checkpoint
-    with lazyllama.open(path, cache_bytes=args.cache_bytes) as model:
+    with lazyllama.open(path, dtype=_dtype(args), cache_bytes=args.cache_bytes) as model:
         rss_open = current_rss()
         times, ids = token_times(model, args.big_tokens)
         stats = model.cache_stats()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "checkpoint": str(path),
+        "dtype": args.dtype,
         "cache_bytes": args.cache_bytes,
         "tokens": args.big_tokens,
         "token_s": times,
@@ -268,6 +276,11 @@ def run_big(args: argparse.Namespace) -> dict[str, Any]:
         "target_met": peak <= 3 * GIB,
         "cache_stats": dataclasses.asdict(stats),
     }
+
+
+def _dtype(args: argparse.Namespace) -> str | None:
+    """The ``dtype`` weights are opened with: float16, or as stored (``None``)."""
+    return None if args.dtype == "stored" else str(args.dtype)
 
 
 def current_rss() -> int:
@@ -283,7 +296,8 @@ def table(results: dict[str, Any]) -> str:
     if "throttled" in results:
         t = results["throttled"]
         lines += [
-            f"throttled: {t['checkpoint']} ({t['stored_bytes'] / 1e9:.2f} GB), cache_bytes=0, "
+            f"throttled: {t['checkpoint']} ({t['stored_bytes'] / 1e9:.2f} GB), "
+            f"dtype={t['dtype']}, cache_bytes=0, "
             f"{t['tokens']} tokens, seconds per token (median after the first)",
             f"{'disk MB/s':>10} {'read':>8} {'compute':>8} {'prefetch=1':>11} {'prefetch=0':>11}"
             f" {'p1/max(r,c)':>12} {'p0/(r+c)':>9} {'target':>7} {'cpu bound':>10}",
@@ -303,7 +317,8 @@ def table(results: dict[str, Any]) -> str:
         b = results["big"]
         lines += [
             "",
-            f"big: {b['checkpoint']}, cache_bytes={b['cache_bytes']}, {b['tokens']} tokens, "
+            f"big: {b['checkpoint']}, dtype={b['dtype']}, cache_bytes={b['cache_bytes']}, "
+            f"{b['tokens']} tokens, "
             "no throttle",
             f"  seconds per token: {', '.join(f'{s:.2f}' for s in b['token_s'])} "
             f"(median after the first {b['per_token_s']:.2f})",
@@ -323,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--big-tokens", type=int, default=3)
     parser.add_argument("--cache-bytes", default="2GiB")
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "stored"],
+        default="float16",
+        help="open the weights as float16 (converted on reading) or as stored (BF16 kept)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/bench_stream.json"))
     args = parser.parse_args(argv)
 
