@@ -152,10 +152,11 @@ class FileSet:
         try:
             handle = await asyncio.shield(opening)  # one waiter leaving does not stop the rest
         except BaseException as e:
-            self._users[file] -= 1
-            if isinstance(e, OSError):
-                if self._handles.get(file) is opening:  # a later read tries again
+            if self._handles.get(file) is opening:  # not yet forgotten by another waiter
+                self._users[file] -= 1
+                if isinstance(e, OSError):  # forgotten: a later read tries again
                     del self._handles[file], self._users[file]
+            if isinstance(e, OSError):
                 raise ReadError(f"{where(file)}cannot be opened ({e.strerror})") from None
             raise
         assert isinstance(handle, AsyncFileIO)

@@ -348,6 +348,42 @@ def test_a_failure_to_open_the_file_is_a_read_error_and_a_retry_succeeds(
     assert same_bits(model["w_f32"].load(), oracle_f16(shard)["w_f32"])
 
 
+def test_every_read_waiting_on_a_failed_open_gets_the_read_error(
+    shard: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads of one file share its opening: when that fails, each of them raises ReadError
+    naming the file, and the next read opens it afresh."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    real = lazyllama.io.aiofiles.open
+    fails = {"left": 1}
+
+    async def slow_failing_open(*args: Any, **kwargs: Any) -> Any:
+        if fails["left"]:
+            fails["left"] -= 1
+            await asyncio.sleep(0.05)  # every reader waits on this opening by now
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(lazyllama.io.aiofiles, "open", slow_failing_open)
+    file = str(shard)
+
+    async def main() -> tuple[list[Any], bool]:
+        with ThreadPoolExecutor(2) as pool:
+            files = lazyllama.io.FileSet({file: lazyllama.io.Stamp.of(os.stat(file))}, pool, 4)
+            waiters = [files._acquire(file) for _ in range(4)]
+            outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+            again = await files._acquire(file)
+            opened = files.open_handles == 1 and not again.closed
+            await files.aclose()
+            return outcomes, opened
+
+    outcomes, opened = asyncio.run(main())
+    assert all(isinstance(o, lazyllama.ReadError) for o in outcomes), outcomes
+    assert all(file in str(o) and "Too many open files" in str(o) for o in outcomes)
+    assert opened
+
+
 def test_an_error_on_one_shard_leaves_the_others_readable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
