@@ -267,7 +267,7 @@ class LazyModel(Mapping[str, LazyTensor]):
         for info, start, stop in specs:
             source = DTYPES[info.dtype]
             row_bytes = info.nbytes // info.rows if info.rows else 0
-            out = np.empty((stop - start, *info.shape[1:]), self._out_dtype(info))
+            out = eng.cache.empty((stop - start, *info.shape[1:]), self._out_dtype(info))
             if not info.shape:
                 out = out.reshape(())
             outs.append(out)

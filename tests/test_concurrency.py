@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import lazyllama
+import lazyllama.cache
 from lazyllama import _sync
 from lazyllama.writer import save_file
 
@@ -98,9 +99,12 @@ def _random_index(rng: random.Random, rows: int) -> Any:
     return slice(b, a - 1 if a else None, -rng.choice([1, 2]))
 
 
+@pytest.mark.parametrize("recycle", [False, True], ids=["fresh-memory", "recycled-memory"])
 def test_tasks_and_threads_under_a_small_budget_with_cancellations(
-    mixed: Path, want: dict[str, np.ndarray]
+    mixed: Path, want: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch, recycle: bool
 ) -> None:
+    # Every array, however small, in memory the cache may recycle; or none.
+    monkeypatch.setattr(lazyllama.cache, "RECYCLE_BYTES", 1 if recycle else 1 << 62)
     settle_runtime()
     fds_before, loops_before, threads_before = open_fds(), open_loops(), lazyllama_threads()
     total = sum(a.nbytes for a in want.values())
@@ -176,6 +180,8 @@ def test_tasks_and_threads_under_a_small_budget_with_cancellations(
         stats = quiesce(model)  # books balanced, within budget: Cache.check()
         assert stats.in_flight_bytes == 0
         assert not model._eng().cache._flights
+        assert not any(model._eng().cache._pinned.values())
+        assert (stats.recycled > 0) == recycle
         assert stats.evictions > 0, "the budget was meant to force eviction"
         assert stats.peak_resident_bytes <= budget
         assert stats.resident_bytes <= budget
