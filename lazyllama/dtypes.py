@@ -94,12 +94,12 @@ _BLOCK = 1 << 19  # elements converted at a time: few calls for Python, blocks n
 _scratch = threading.local()
 
 
-def _block_scratch() -> np.ndarray:
-    """One block of uint16 per thread, for intermediate bits."""
-    buf: np.ndarray | None = getattr(_scratch, "buf", None)
-    if buf is None:
-        buf = _scratch.buf = np.empty(_BLOCK, np.uint16)
-    return buf
+def _block_scratch() -> tuple[np.ndarray, np.ndarray]:
+    """A block of uint16 (intermediate bits) and one of bool (a mask), per thread."""
+    bufs: tuple[np.ndarray, np.ndarray] | None = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = (np.empty(_BLOCK, np.uint16), np.empty(_BLOCK, np.bool_))
+    return bufs
 
 
 @functools.cache
@@ -120,20 +120,21 @@ def _bf16_to_f16(src: np.ndarray, out: np.ndarray) -> int:
     integer ufuncs release the GIL, so every core converts at once; ml_dtypes' cast does not.
     """
     table = _bf16_table()
-    scratch = _block_scratch()
+    scratch, outside = _block_scratch()
     overflow = 0
     for start in range(0, src.size, _BLOCK):
         s = src[start : start + _BLOCK]
         o = out[start : start + _BLOCK]
-        t = scratch[: s.size]
+        t, m = scratch[: s.size], outside[: s.size]
         np.left_shift(s, 3, out=o)
         np.subtract(o, 0xC000, out=o)
         np.bitwise_and(s, 0x8000, out=t)
         np.bitwise_or(o, t, out=o)
         np.bitwise_and(s, 0x7F80, out=t)
         np.subtract(t, 0x3880, out=t)  # (exponent - 113) << 7, wrapping below 113
-        if s.size and t.max() > 0x0E80:  # some exponent outside float16's normal range
-            rare = np.flatnonzero(t > 0x0E80)
+        np.greater(t, 0x0E80, out=m)  # exponent outside float16's normal range: in most blocks
+        rare = np.flatnonzero(m)  # of real weights, some value is that small
+        if rare.size:
             bits = s[rare]
             o[rare] = table[bits]
             exponent = (bits >> 7) & 0xFF
