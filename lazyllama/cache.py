@@ -121,7 +121,7 @@ class Cache:
         self._peak = max(self._peak, self._held())
 
     async def reserve(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` fit in the budget, evicting least-recently-used entries."""
+        """Wait until ``nbytes`` fit in the budget, making room as ``try_reserve`` does."""
         if not self._bounded(nbytes):
             return
         async with self._freed:
@@ -129,9 +129,9 @@ class Cache:
                 await self._freed.wait()
 
     def try_reserve(self, nbytes: int) -> bool:
-        """Reserve without waiting, making room as ``reserve`` does: spare memory of that size
-        is promised to the read, spare memory of other sizes let go, then entries evicted.
-        False when it would have to wait."""
+        """Reserve without waiting: spare memory of that size is promised to the read; else
+        room is made by letting spare memory of other sizes go, then by evicting entries.
+        False when that is not enough (``reserve`` then waits for reads to end)."""
         if not self._bounded(nbytes):
             return True
         while not self._pin(nbytes) and not self._fits(nbytes):
@@ -190,7 +190,7 @@ class Cache:
         """The entry to evict to make room for ``nbytes``: the least recently used, unless one
         of the few next to it has that very size, whose memory the new read can then take.
         A model streamed layer by layer evicts the oldest layer's copy of the tensor it reads."""
-        if nbytes >= RECYCLE_BYTES:
+        if nbytes >= RECYCLE_BYTES and _ALONE is not None:
             for key, arr in itertools.islice(self._entries.items(), _VICTIMS):
                 if arr.nbytes == nbytes:
                     return key

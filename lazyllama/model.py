@@ -78,6 +78,9 @@ def _progress_enabled(progress: bool | None) -> bool:
     return progress
 
 
+_RELEASED = np.empty(0, np.uint8)
+
+
 @dataclass(slots=True)
 class _Target:
     """Where a read lands: an output array (flat view), its source dtype, overflows seen."""
@@ -277,7 +280,11 @@ class LazyModel(Mapping[str, LazyTensor]):
             if nbytes:
                 offset = info.offset + start * row_bytes
                 ranges.append(Range(target, info.file, offset, nbytes, source.bits // 8))
-        await eng.files.run(plan(ranges, eng.files.chunk), _convert, _direct)
+        try:
+            await eng.files.run(plan(ranges, eng.files.chunk), _convert, _direct)
+        finally:
+            for t in targets:  # a worker may hold its job's pieces a moment longer: not the
+                t.flat = _RELEASED  # outputs, which the cache may then find held by no one
         for t in targets:
             self._overflowed(t)
         return outs
