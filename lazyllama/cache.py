@@ -135,12 +135,8 @@ class Cache:
         if not self._bounded(nbytes):
             return True
         while not self._pin(nbytes) and not self._fits(nbytes):
-            if self._spare_bytes:
-                size, spares = next(iter(self._spare.items()))
-                self._spare_bytes -= size
-                spares.pop()  # the memory goes back to the system
-                if not spares:
-                    del self._spare[size]
+            if self._spare:
+                self._take_spare(next(iter(self._spare)))  # the memory goes back to the system
             elif self._entries:
                 self._evict_one(self._victim(nbytes))
             else:
@@ -151,14 +147,19 @@ class Cache:
 
     def _pin(self, nbytes: int) -> bool:
         """Promise spare memory of ``nbytes`` to the read being reserved, if there is some."""
-        spares = self._spare.get(nbytes)
-        if not spares:
+        if nbytes not in self._spare:
             return False
-        self._pinned.setdefault(nbytes, []).append(spares.pop())
+        self._pinned.setdefault(nbytes, []).append(self._take_spare(nbytes))
+        return True
+
+    def _take_spare(self, nbytes: int) -> mmap.mmap:
+        """One piece of spare memory of ``nbytes`` (there is one), out of the spare books."""
+        spares = self._spare[nbytes]
+        memory = spares.pop()
         if not spares:
             del self._spare[nbytes]
         self._spare_bytes -= nbytes
-        return True
+        return memory
 
     def unreserve(self, nbytes: int, failed: bool = False) -> None:
         """Give back a reservation; ``failed``: its read may not have used the spare memory
