@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import faulthandler
 import gc
 import json
@@ -18,6 +19,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 import lazyllama
 from lazyllama import _sync
@@ -192,3 +194,30 @@ def watchdog(seconds: float) -> Iterator[None]:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+class Failing:
+    """Make the next ``times`` calls of a function (awaitable unless ``sync``) raise ``error``."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, sync: bool = False
+    ) -> None:
+        self.real = real = getattr(owner, method)
+        self.times = 0
+        self.error: BaseException = OSError(errno.EIO, "Input/output error")
+        failing = self
+
+        def fail() -> None:
+            if failing.times:
+                failing.times -= 1
+                raise failing.error
+
+        def fake(*args: Any, **kwargs: Any) -> Any:
+            fail()
+            return real(*args, **kwargs)
+
+        async def afake(*args: Any, **kwargs: Any) -> Any:
+            fail()
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, method, fake if sync else afake)

@@ -24,7 +24,7 @@ import lazyllama
 import lazyllama.io
 from lazyllama.writer import save_file
 
-from ._robust_helpers import MINI_CONFIG, quiesce, watchdog, write_index
+from ._robust_helpers import MINI_CONFIG, Failing, quiesce, watchdog, write_index
 from .conftest import oracle_f16, same_bits, st_save
 
 
@@ -182,33 +182,6 @@ def test_cached_tensors_stay_readable_after_a_change(
 
 
 # -- the OS fails a read --------------------------------------------------------------------
-
-
-class Failing:
-    """Make the next ``times`` calls of a function (awaitable unless ``sync``) raise ``error``."""
-
-    def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, sync: bool = False
-    ) -> None:
-        self.real = real = getattr(owner, method)
-        self.times = 0
-        self.error: BaseException = OSError(errno.EIO, "Input/output error")
-        failing = self
-
-        def fail() -> None:
-            if failing.times:
-                failing.times -= 1
-                raise failing.error
-
-        def fake(*args: Any, **kwargs: Any) -> Any:
-            fail()
-            return real(*args, **kwargs)
-
-        async def afake(*args: Any, **kwargs: Any) -> Any:
-            fail()
-            return await real(*args, **kwargs)
-
-        monkeypatch.setattr(owner, method, fake if sync else afake)
 
 
 @pytest.mark.parametrize("how", sorted(READS))

@@ -7,7 +7,6 @@ Arrays from 64 KiB up are recycled here (1 MiB in use), so the small fixtures ta
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import random
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pytest
 import lazyllama
 import lazyllama.cache
 
+from ._robust_helpers import Failing
 from .conftest import oracle_f16, same_bits, st_save
 
 T = 64 * 512 * 2  # bytes of one tensor as float16
@@ -153,22 +153,12 @@ def test_a_failed_read_leaves_no_promised_memory(
     m = open_model(ten, cache_bytes=2 * T)
     m["t0"].load()
     m["t1"].load()
-    fail = {"left": 1}
-
-    def failing(real: Callable[..., Any], error: OSError) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            if fail["left"]:
-                fail["left"] -= 1
-                raise error
-            return real(*args)
-
-        return call
-
     if when == "reading":
-        monkeypatch.setattr(os, "preadv", failing(os.preadv, OSError(errno.EIO, "I/O error")))
+        failing = Failing(monkeypatch, os, "preadv", sync=True)
     else:
-        refused = lazyllama.ReadError(f"{ten}: refused before anything was allocated")
-        monkeypatch.setattr(m, "_read_whole", failing(m._read_whole, refused))
+        failing = Failing(monkeypatch, m, "_read_whole")
+        failing.error = lazyllama.ReadError(f"{ten}: refused before anything was allocated")
+    failing.times = 1
     with pytest.raises(lazyllama.ReadError) as info:
         m["t2"].load()
     assert str(ten) in str(info.value)
