@@ -134,13 +134,14 @@ def test_inspect_reports_a_broken_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert "Verification failed" in out
 
 
+def run_lazyllama(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m lazyllama ARGS`` in a process of its own, its output captured."""
+    cmd = [sys.executable, "-m", "lazyllama", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
 def test_missing_checkpoint_gives_one_line_and_no_traceback(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "lazyllama", "inspect", str(tmp_path / "nowhere")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    r = run_lazyllama("inspect", str(tmp_path / "nowhere"))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert str(tmp_path / "nowhere") in r.stderr
@@ -163,12 +164,7 @@ def test_default_path_is_the_seeds(
 
 
 def test_demo_writes_and_inspects(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "lazyllama", "demo", str(tmp_path / "d")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    r = run_lazyllama("demo", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr
     assert "Complete transformer layers: 4/4" in r.stdout
     assert "Found 3 model files" in r.stdout

@@ -271,20 +271,13 @@ def test_config_that_is_a_directory(tmp_path: Path) -> None:
 # -- directories where files should be ------------------------------------------------------
 
 
-def test_a_directory_named_model_safetensors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.safetensors"])
+def test_a_directory_named_like_a_single_file_checkpoint(tmp_path: Path, name: str) -> None:
     root = tmp_path / "ckpt"
     root.mkdir()
     (root / "config.json").write_text(json.dumps(MINI_CONFIG))
-    (root / "model.safetensors").mkdir()
-    raises_naming(CheckpointError, root / "model.safetensors", lambda: lazyllama.open(root))
-
-
-def test_a_directory_named_pytorch_model_safetensors(tmp_path: Path) -> None:
-    root = tmp_path / "ckpt"
-    root.mkdir()
-    (root / "config.json").write_text(json.dumps(MINI_CONFIG))
-    (root / "pytorch_model.safetensors").mkdir()
-    raises_naming(CheckpointError, root / "pytorch_model.safetensors", lambda: lazyllama.open(root))
+    (root / name).mkdir()
+    raises_naming(CheckpointError, root / name, lambda: lazyllama.open(root))
 
 
 def test_a_directory_named_like_a_file_opened_directly(tmp_path: Path) -> None:
